@@ -1,0 +1,174 @@
+"""Command line: ``lnconvert MODEL [options]`` converts; subcommands for the rest."""
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from .errors import EXIT_CODES, LnConvertError, ParityError, UsageError
+
+err = Console(stderr=True)
+out = Console()
+
+
+class DefaultToConvert(TyperGroup):
+    """``lnconvert resnet18 ...`` means ``lnconvert convert resnet18 ...``."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args.insert(0, "convert")
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(cls=DefaultToConvert, add_completion=False, no_args_is_help=True,
+                  help="Convert trained PyTorch models to BatchNorm-free models with linked activations.\n\n"
+                       "Usage: lnconvert MODEL [OPTIONS] (same as `lnconvert convert MODEL`).\n\n"
+                       "Exit codes: " + "; ".join(f"{k} {v}" for k, v in sorted(EXIT_CODES.items())))
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    if isinstance(exc, KeyboardInterrupt):
+        err.print("interrupted; no output was written")
+        raise typer.Exit(130)
+    if isinstance(exc, LnConvertError):
+        err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+        raise typer.Exit(exc.exit_code)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    err.print(f"[red]internal error:[/red] {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              soft_wrap=True, highlight=False)
+    raise typer.Exit(1)
+
+
+def _parse_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        size = tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--input-size must look like 3,224,224 or 3x224x224, got {text!r}") from None
+    if len(size) < 2 or any(v <= 0 for v in size):
+        raise UsageError(f"--input-size needs positive sizes like 3,224,224, got {text!r}")
+    return size
+
+
+def print_report(report, console: Console = out) -> None:
+    from .report import summary_rows
+
+    table = Table(title=f"lnconvert: {report.model}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in summary_rows(report):
+        table.add_row(label, value)
+    console.print(table)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+@app.command("convert", no_args_is_help=True)
+def convert_cmd(
+    model: str = typer.Argument(..., help="torchvision or timm name (resnet18, timm/resnet18d, "
+                                          "resnet18.a1_in1k) or module:callable"),
+    drop_bn: bool = typer.Option(True, "--drop-bn/--keep-bn", help="Remove BatchNorm (fold or affine)."),
+    link: bool = typer.Option(True, "--link/--no-link", help="Link activations (Linked Neurons)."),
+    policy: str = typer.Option("mirror", help="Linking policy: mirror = cat(g(x), g(-x)); "
+                                              "minmax = cat(g(x), min(x, 0))."),
+    activations: Optional[str] = typer.Option(None, help="Comma-separated activation types to link "
+                                                         "(e.g. relu,silu); default all."),
+    residual: str = typer.Option("slice", help="Residual boundary: slice (primaries) or gate "
+                                               "(primary + a*twin, a=0)."),
+    weights: Optional[str] = typer.Option(None, help="Checkpoint PATH (.pt/.pth/.safetensors), or DEFAULT "
+                                                     "for official weights (needs network). "
+                                                     "Default: the architecture's own initialisation."),
+    input_size: Optional[str] = typer.Option(None, help="Example input C,H,W (default: the model's config, "
+                                                        "else 3,224,224)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Saved model path "
+                                                                       "(default MODEL-linked.safetensors)."),
+    no_save: bool = typer.Option(False, "--no-save", help="Convert and verify only; write no model."),
+    report_json: Optional[Path] = typer.Option(None, help="Write the full report as JSON here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the original."),
+    tolerance: float = typer.Option(1e-5, help="Max relative error: max|delta| / max(1, max|y|)."),
+    precision: str = typer.Option("float64", help="Verify in float64 (conversion error alone) or float32."),
+    leaf: Optional[List[str]] = typer.Option(None, help="Submodule to keep opaque when tracing (repeatable)."),
+    trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Convert MODEL, verify it against the original and save it (safetensors + spec)."""
+    from .convert import convert
+    from .io import check_output_path, save, spec_for
+    from .models import load_model
+    from .trace import default_example_inputs
+
+    try:
+        from .options import ConvertOptions
+
+        size = _parse_size(input_size)
+        acts = [a for a in activations.split(",")] if activations else None
+        ConvertOptions(policy=policy, residual=residual, activations=acts, tolerance=tolerance,
+                       precision=precision)  # validate before the (slow) model load
+        target = None
+        if not no_save:
+            default_name = model.replace("/", "_").replace(":", "_") + "-linked.safetensors"
+            target = check_output_path(output or Path(default_name), force)
+        if report_json is not None:
+            check_output_path(report_json, force)
+        with err.status(f"loading {model}"):
+            net = load_model(model, weights, trust_pickle=trust_pickle)
+        if weights is None:
+            err.print(f"note: no --weights given; converting {model}'s own (random) initialisation")
+        inputs = default_example_inputs(net, input_size=size)
+        with err.status(f"converting {model}"):
+            try:
+                result = convert(net, drop_bn=drop_bn, link=link, policy=policy, activations=acts,
+                                 residual=residual, example_inputs=inputs, verify=verify, leaf_modules=leaf or (),
+                                 tolerance=tolerance, precision=precision, name=model)
+            except ParityError as exc:
+                if exc.report is not None:
+                    print_report(exc.report, err)
+                raise
+        print_report(result.report)
+        if target is not None:
+            spec = spec_for(model, weights, result.report.options, [list(t.shape) for t in inputs],
+                            result.report.to_dict())
+            save(result.model, target, spec, force=force)
+            out.print(f"saved {target}")
+        if report_json is not None:
+            from .io import atomic_path
+
+            with atomic_path(report_json) as tmp:
+                Path(tmp).write_text(result.report.to_json())
+            out.print(f"report {report_json}")
+    except (typer.Exit, click.exceptions.Exit):
+        raise
+    except BaseException as exc:  # every failure becomes one line and an exit code
+        _fail(exc, debug)
+
+
+@app.command("list")
+def list_cmd(pattern: str = typer.Argument("*", help="Glob pattern, e.g. 'resnet*'.")) -> None:
+    """List model names lnconvert can load from torchvision and timm."""
+    from .models import list_models
+
+    rows = list_models(pattern)
+    for library, name in rows:
+        out.print(f"{library}/{name}", highlight=False)
+    if not rows:
+        err.print(f"no model matches {pattern!r}")
+        raise typer.Exit(3)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Orchestration: trace -> analyse -> passes -> verify -> report."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+from . import __version__
+from .analysis import check_channels, count_macs, count_params, propagate_shapes
+from .errors import ParityError, UnsupportedModelError, UsageError
+from .options import ConvertOptions, PassContext
+from . import passes
+from .plan import plan_links
+from .report import ConversionReport
+from .rules import BATCHNORM_MODULES
+from .trace import default_example_inputs, private_eval_copy, trace
+from .verify import compare, eval_mode
+
+
+@dataclass
+class ConversionResult:
+    model: fx.GraphModule
+    report: ConversionReport
+
+
+@contextlib.contextmanager
+def _timed(report: ConversionReport, name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    report.pass_seconds[name] = report.pass_seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UnsupportedModelError(f"parameter '{name}' contains NaN or Inf; refusing to convert")
+
+
+def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def remaining_batchnorm(gm: fx.GraphModule) -> list[str]:
+    """Names of BatchNorm modules or functional batch_norm calls still in the graph."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), BATCHNORM_MODULES):
+            found.append(node.target)
+        elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
+            found.append(node.name)
+    return found
+
+
+def convert(
+    model: nn.Module,
+    *,
+    drop_bn: bool = True,
+    policy: str = "mirror",
+    activations: Iterable[str] | None = None,
+    residual: str = "slice",
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    verify: bool = True,
+    link: bool = True,
+    input_size: Sequence[int] | None = None,
+    leaf_modules: Iterable[str] = (),
+    verify_inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]] = (),
+    tolerance: float = 1e-5,
+    precision: str = "float64",
+    name: str | None = None,
+) -> ConversionResult:
+    """Convert a trained model into a BatchNorm-free model with linked activations.
+
+    The caller's model is never modified. ``example_inputs`` (default: a random batch of
+    2 at the model's configured input size) drives shape propagation and verification;
+    ``verify_inputs`` adds user batches to the check. With ``verify=True`` a mismatch
+    above ``tolerance`` (max |delta| / max(1, max |y|)) raises :class:`ParityError`, whose
+    ``report`` holds the per-output errors. ``precision="float64"`` (default) evaluates
+    both models in float64, measuring the conversion free of float32 rounding noise (the
+    float32 deviation is reported too); ``"float32"`` compares them as they are.
+    """
+    options = ConvertOptions(drop_bn=drop_bn, link=link, policy=policy,
+                             activations=tuple(activations) if activations is not None else None,
+                             residual=residual, leaf_modules=tuple(leaf_modules), tolerance=tolerance,
+                             precision=precision)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"expected an nn.Module, got {type(model).__name__}")
+    report = ConversionReport(model=name or type(model).__name__, options=options.to_dict(),
+                              lnconvert_version=__version__, tolerance=tolerance)
+    _check_finite(model)
+    if model.training:
+        report.warnings.append("model was in training mode: converted and verified in eval mode")
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    inputs = _as_tuple(example_inputs) if example_inputs is not None else \
+        default_example_inputs(model, input_size=tuple(input_size) if input_size else None, dtype=dtype)
+    ctx = PassContext(options, report, inputs)
+
+    with _timed(report, "trace"):
+        gm = trace(private_eval_copy(model), options.leaf_modules)
+    with _timed(report, "analyse"):
+        try:
+            propagate_shapes(gm, inputs)
+        except Exception as exc:
+            raise UsageError(f"the model does not run on inputs of shape "
+                             f"{[tuple(t.shape) for t in inputs]}: {type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        report.params_before, report.macs_before = count_params(gm), count_macs(gm)
+    with _timed(report, "decompose_normact"):
+        gm = passes.decompose_normact.run(gm, ctx)
+    with _timed(report, "modularize"):
+        gm = passes.modularize.run(gm, ctx)
+    if options.drop_bn:
+        with _timed(report, "fold_bn"):
+            gm = passes.fold_bn.run(gm, ctx)
+    if options.link:
+        with _timed(report, "plan"):
+            propagate_shapes(gm, inputs)
+            plan = plan_links(gm, options)
+        with _timed(report, "link"):
+            gm = passes.link.run(gm, ctx, plan)
+        with _timed(report, "widen"):
+            gm = passes.widen.run(gm, ctx, plan)
+        with _timed(report, "boundaries"):
+            gm = passes.boundaries.run(gm, ctx, plan)
+    with _timed(report, "check"):
+        gm.graph.lint()
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        propagate_shapes(gm, inputs)
+        check_channels(gm, "boundaries")
+        report.params_after, report.macs_after = count_params(gm), count_macs(gm)
+
+    kept = remaining_batchnorm(gm)
+    if options.drop_bn and kept:
+        report.status_reasons.append(f"{len(kept)} BatchNorm kept ({kept[0]}{', ...' if len(kept) > 1 else ''})")
+    if verify:
+        labelled = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(verify_inputs)]
+        with _timed(report, "verify"):
+            report.parity = compare(model, gm, labelled, tolerance, precision)
+        bad = [p for p in report.parity if not p.ok]
+        if bad:
+            report.status = "failed"
+            worst = max(bad, key=lambda p: p.max_rel)
+            raise ParityError(f"converted model differs from the original: {worst.output} on {worst.inputs} "
+                              f"input has max rel error {worst.max_rel:.3e} > tolerance {tolerance:.0e}", report)
+        report.status = "partial" if report.status_reasons else "exact"
+    gm.train(model.training)  # hand back the caller's mode
+    return ConversionResult(gm, report)
+
+
+__all__ = ["ConversionResult", "convert", "remaining_batchnorm", "eval_mode"]

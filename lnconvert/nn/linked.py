@@ -1,0 +1,140 @@
+"""Modules the converter inserts into graphs; all usable from scratch and ONNX-exportable."""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+POLICIES = ("mirror", "minmax")
+
+
+def _out_of_place(act: nn.Module) -> nn.Module:
+    act = copy.deepcopy(act)
+    if getattr(act, "inplace", False):
+        act.inplace = False  # the linked pair reads x twice
+    return act
+
+
+class LinkedActivation(nn.Module):
+    """``cat(g(x), twin(x))`` on the channel axis (Linked Neurons, Molina et al. 2017).
+
+    ``mirror``: twin = g(-x) (a parametric g such as PReLU gets its own copy of the
+    parameters); ``minmax``: twin = min(x, 0). For ``groups > 1`` the output is laid out
+    per group (that group's primaries, then its twins) so that a grouped or depthwise
+    consumer sees each channel's pair inside its own group.
+    """
+
+    def __init__(self, act: nn.Module, policy: str = "mirror", dim: int = 1, groups: int = 1):
+        super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+        if groups > 1 and dim < 0:
+            raise ValueError("a grouped layout needs a non-negative channel dim")
+        self.act = _out_of_place(act)
+        has_params = any(True for _ in self.act.parameters())
+        self.twin_act = copy.deepcopy(self.act) if policy == "mirror" and has_params else None
+        self.policy, self.dim, self.groups = policy, dim, groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        primary = self.act(x)
+        if self.policy == "mirror":
+            twin = (self.twin_act if self.twin_act is not None else self.act)(-x)
+        else:
+            twin = torch.clamp(x, max=0.0)
+        if self.groups == 1:
+            return torch.cat([primary, twin], dim=self.dim)
+        shape = (self.groups, primary.shape[self.dim] // self.groups)
+        pair = torch.cat([primary.unflatten(self.dim, shape), twin.unflatten(self.dim, shape)], dim=self.dim + 1)
+        return pair.flatten(self.dim, self.dim + 1)
+
+    def extra_repr(self) -> str:
+        return f"policy={self.policy}, dim={self.dim}, groups={self.groups}"
+
+
+def _broadcast_shape(dim: int, ndim: int) -> list[int]:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return shape
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel: an eval-mode BatchNorm without batch statistics."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, dim: int = 1):
+        super().__init__()
+        self.scale = nn.Parameter(scale.detach().clone())
+        self.shift = nn.Parameter(shift.detach().clone())
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = _broadcast_shape(self.dim, x.dim())
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.numel()}, dim={self.dim}"
+
+
+def _index_buffer(module: nn.Module, name: str, index: Sequence[int]) -> None:
+    module.register_buffer(name, torch.tensor(list(index), dtype=torch.long), persistent=False)
+
+
+class ChannelSelect(nn.Module):
+    """Keep the given channels (the primaries of a linked tensor): a ``slice`` boundary.
+
+    A prefix range becomes a narrow (ONNX ``Slice``), anything else a gather.
+    ``copy=True`` returns fresh memory, for consumers that write in place.
+    """
+
+    def __init__(self, index: Sequence[int], dim: int = 1, copy: bool = False):
+        super().__init__()
+        self.dim, self.copy = dim, copy
+        self.prefix = list(index) == list(range(len(index)))
+        self.length = len(index)
+        _index_buffer(self, "index", index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prefix:
+            out = x.narrow(self.dim, 0, self.length)
+            return out.clone() if self.copy else out
+        return x.index_select(self.dim, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.length} channels, dim={self.dim}" + (", prefix" if self.prefix else "")
+
+
+class ChannelExpand(nn.Module):
+    """Repeat an ordinary per-channel tensor into a linked layout (e.g. an SE gate).
+
+    ``index[k]`` is the logical channel of physical channel ``k``.
+    """
+
+    def __init__(self, index: Sequence[int], dim: int = 1):
+        super().__init__()
+        self.dim = dim
+        _index_buffer(self, "index", index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(self.dim, self.index)
+
+
+class GatedMerge(nn.Module):
+    """``primary + a * twin`` per channel with ``a`` learnable, initialised to 0.
+
+    The ``gate`` residual boundary: exact at conversion, and lets the twins reach the
+    residual stream once ``a`` is trained.
+    """
+
+    def __init__(self, primary: Sequence[int], twin: Sequence[int], dim: int = 1):
+        super().__init__()
+        self.dim = dim
+        self.gate = nn.Parameter(torch.zeros(len(primary)))
+        _index_buffer(self, "primary_index", primary)
+        _index_buffer(self, "twin_index", twin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = _broadcast_shape(self.dim, x.dim())
+        primary = x.index_select(self.dim, self.primary_index)
+        twin = x.index_select(self.dim, self.twin_index)
+        return primary + self.gate.view(shape) * twin

@@ -1,0 +1,53 @@
+"""Conversion options and the context every pass receives."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+from .nn import POLICIES
+from .report import ConversionReport
+from .rules import ACTIVATION_NAMES, ALIASES
+
+RESIDUAL_MODES = ("slice", "gate")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    drop_bn: bool = True
+    link: bool = True
+    policy: str = "mirror"
+    activations: tuple[str, ...] | None = None  # None: every supported type
+    residual: str = "slice"
+    leaf_modules: tuple[str, ...] = ()
+    tolerance: float = 1e-5
+    precision: str = "float64"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise UsageError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
+        if self.residual not in RESIDUAL_MODES:
+            raise UsageError(f"unknown residual mode {self.residual!r}; choose one of: {', '.join(RESIDUAL_MODES)}")
+        if self.activations is not None:
+            names = tuple(ALIASES.get(a.strip().lower(), a.strip().lower()) for a in self.activations if a.strip())
+            unknown = sorted(set(names) - ACTIVATION_NAMES)
+            if unknown:
+                raise UsageError(f"unknown activation type(s) {', '.join(unknown)}; "
+                                 f"known: {', '.join(sorted(ACTIVATION_NAMES))}")
+            object.__setattr__(self, "activations", names)
+        if self.precision not in ("float64", "float32"):
+            raise UsageError(f"unknown precision {self.precision!r}; choose float64 or float32")
+        if not self.tolerance > 0:
+            raise UsageError(f"tolerance must be positive, got {self.tolerance}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PassContext:
+    options: ConvertOptions
+    report: ConversionReport
+    example_inputs: tuple[torch.Tensor, ...] = field(default_factory=tuple)

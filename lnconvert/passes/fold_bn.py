@@ -1,0 +1,96 @@
+"""Remove eval-mode BatchNorm: fold into the producing conv/linear, else a per-channel affine."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from ..analysis import call_site_counts, own_module, shape_of
+from ..nn import ChannelAffine
+from ..options import PassContext
+from ..rules import BATCHNORM_MODULES, CONV_MODULES, CONV_TRANSPOSE_MODULES
+
+
+def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as ``x * scale + shift``, computed in float64 for folding precision."""
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    weight = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    bias = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = weight / torch.sqrt(var + bn.eps)
+    return scale, bias - mean * scale
+
+
+def _out_channel_view(module: nn.Module, scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` shaped to multiply ``module.weight`` along its output-channel axis."""
+    weight = module.weight
+    if isinstance(module, CONV_TRANSPOSE_MODULES):  # weight: (in, out/groups, *k)
+        groups = module.groups
+        per_in, per_out = weight.shape[0] // groups, weight.shape[1]
+        view = scale.view(groups, 1, per_out, *([1] * (weight.dim() - 2)))
+        return view.expand(groups, per_in, per_out, *([1] * (weight.dim() - 2))).reshape(
+            weight.shape[0], per_out, *([1] * (weight.dim() - 2)))
+    return scale.view(-1, *([1] * (weight.dim() - 1)))
+
+
+def fold_into(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
+    """A copy of ``module`` (conv/linear) whose output equals ``module(x) * scale + shift``."""
+    folded = copy.deepcopy(module)
+    weight = module.weight.detach()
+    new_weight = (weight.double() * _out_channel_view(module, scale)).to(weight.dtype)
+    old_bias = module.bias.detach().double() if module.bias is not None else torch.zeros_like(shift)
+    folded.weight = nn.Parameter(new_weight, requires_grad=module.weight.requires_grad)
+    folded.bias = nn.Parameter((old_bias * scale + shift).to(weight.dtype))
+    return folded
+
+
+def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> nn.Module | None:
+    producer = bn_node.args[0]
+    if not isinstance(producer, fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
+        return None
+    module = gm.get_submodule(producer.target)
+    if type(module) in CONV_MODULES + CONV_TRANSPOSE_MODULES:
+        return module if module.out_channels == bn.num_features else None
+    if type(module) is nn.Linear:
+        out = shape_of(producer)
+        return module if out is not None and len(out) == 2 and module.out_features == bn.num_features else None
+    return None
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Remove every eval-mode BatchNorm module (exact types only):
+
+    1. fold into the conv/linear producing its input when that output feeds only the BN;
+    2. otherwise replace it by an equivalent :class:`ChannelAffine` (no batch statistics);
+    3. keep a BN without running statistics (it uses batch statistics even in eval) and
+       report it, as well as functional ``batch_norm`` calls.
+
+    Preserves: eval-mode outputs up to float rounding (scale and shift in float64).
+    """
+    sites = call_site_counts(gm)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
+            ctx.report.bn(node.name, "kept", "functional batch_norm call (not a module)")
+            continue
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) not in BATCHNORM_MODULES:
+            continue
+        bn = gm.get_submodule(node.target)
+        if bn.running_mean is None or bn.running_var is None:
+            ctx.report.bn(node.target, "kept", "no running statistics (track_running_stats=False)")
+            continue
+        scale, shift = bn_scale_shift(bn)
+        producer = _foldable_producer(gm, node, bn)
+        if producer is not None:
+            own_module(gm, node.args[0], fold_into(producer, scale, shift), "folded")
+            ctx.report.bn(node.target, "folded", f"into {node.args[0].target}")
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        else:
+            affine = ChannelAffine(scale.to(bn.running_var.dtype), shift.to(bn.running_var.dtype))
+            ctx.report.bn(node.target, "affine", "producer is not a conv/linear used only here"
+                          if sites[node.target] == 1 else "shared BN module, per call site")
+            own_module(gm, node, affine, "affine")
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm

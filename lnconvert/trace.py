@@ -1,0 +1,95 @@
+"""Tracing any nn.Module to an fx.GraphModule, with timm awareness and clear failures."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+
+from .errors import TraceError
+from .rules import ACTIVATION_MODULES, _RULES
+
+
+def _timm_notrace() -> tuple[set[type], list[Any]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return set(), []
+    return set(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
+
+
+class ConvertTracer(fx.Tracer):
+    """fx tracer that keeps timm's non-traceable layers, every module lnconvert has a rule
+    for, and user-named submodules as leaves, and remembers where tracing failed."""
+
+    def __init__(self, leaf_modules: Iterable[str] = ()):
+        notrace_modules, notrace_functions = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(notrace_functions))
+        self.leaf_types = notrace_modules | {t for t in _RULES if isinstance(t, type)} | set(ACTIVATION_MODULES)
+        self.leaf_names = set(leaf_modules)
+        self.failed_in: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) in self.leaf_types or module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # innermost module first
+                self.failed_in = (self.path_of_module(m), type(m).__name__)
+            raise
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "control flow" in text:
+        return "data-dependent control flow (an `if`/loop on a tensor value)"
+    return f"{type(exc).__name__}: {text}"
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
+    """Trace ``model`` (already a private copy, in eval mode) to a GraphModule.
+
+    Raises :class:`TraceError` naming the innermost module being traced when it fails
+    and suggesting ``leaf_modules`` (those are kept as opaque calls; a linked tensor
+    reaching one is sliced back to its primaries).
+    """
+    tracer = ConvertTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types; all become one clear message
+        where = tracer.failed_in
+        location = f" in module '{where[0] or '<root>'}' ({where[1]})" if where else ""
+        hint = f"; try leaf_modules=['{where[0]}'] (CLI: --leaf {where[0]})" if where and where[0] else ""
+        raise TraceError(f"cannot trace {type(model).__name__}{location}: {_reason(exc)}{hint}") from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def private_eval_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode, so the caller's model is never mutated."""
+    clone = copy.deepcopy(model)
+    clone.eval()
+    return clone
+
+
+def example_input_size(model: nn.Module, override: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """(C, H, W) from ``override``, timm's ``pretrained_cfg['input_size']``, or 3x224x224."""
+    if override is not None:
+        return tuple(override)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if size:
+        return tuple(int(s) for s in size)
+    return (3, 224, 224)
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2, input_size: tuple[int, ...] | None = None,
+                           seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, *example_input_size(model, input_size))
+    return (torch.randn(shape, generator=generator, dtype=dtype),)
