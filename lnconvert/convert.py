@@ -126,10 +126,14 @@ def convert(
             gm = passes.widen.run(gm, ctx, plan)
         with _timed(report, "boundaries"):
             gm = passes.boundaries.run(gm, ctx, plan)
+        with _timed(report, "relayout"):
+            gm = passes.relayout.run(gm, ctx, plan)
     with _timed(report, "check"):
         gm.graph.lint()
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
+        alive = {n.name for n in gm.graph.nodes}  # e.g. a shuffle's size() calls died with the shuffle
+        report.boundaries = [b for b in report.boundaries if b["consumer"] in alive]
         gm.recompile()
         propagate_shapes(gm, inputs)
         check_channels(gm, "boundaries")

@@ -69,6 +69,28 @@ class Layout:
         twin = tuple((t * size + s) if t >= 0 else -1 for t in self.twin for s in range(size))
         return Layout(prim, twin, self.dim, self.sources)
 
+    def permuted(self, order: list[int]) -> "Layout":
+        """Layout of the same physical tensor whose logical channel k is our ``order[k]``."""
+        return Layout(tuple(self.primary[c] for c in order), tuple(self.twin[c] for c in order), self.dim,
+                      self.sources)
+
+    def select(self, start: int, stop: int, groups: int = 1) -> tuple[list[int], "Layout"]:
+        """Physical channels holding logical channels [start, stop) with their twins, and
+        the layout of that selection: ascending order, or ``grouped(groups)`` order when every
+        channel has a twin (for a grouped/depthwise consumer of the piece)."""
+        prim, twin = self.primary[start:stop], self.twin[start:stop]
+        count = stop - start
+        if groups > 1 and count % groups == 0 and all(t >= 0 for t in twin):
+            per = count // groups
+            physical = [c for g in range(groups) for c in prim[g * per:(g + 1) * per] + twin[g * per:(g + 1) * per]]
+            grouped = Layout.grouped(count, groups, self.dim, "")
+            return physical, Layout(grouped.primary, grouped.twin, self.dim, self.sources)
+        physical = sorted(set(prim) | {t for t in twin if t >= 0})
+        position = {p: i for i, p in enumerate(physical)}
+        sources = self.sources if any(t >= 0 for t in twin) else frozenset()  # a twinless piece credits none
+        return physical, Layout(tuple(position[p] for p in prim), tuple(position[t] if t >= 0 else -1 for t in twin),
+                                self.dim, sources)
+
     @staticmethod
     def plain(channels: int, dim: int) -> "Layout":
         """An ordinary tensor: every channel is its own primary and has no twin."""

@@ -10,14 +10,16 @@ skipped with that reason (iterated to a fixed point).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 from .analysis import normalize_dim, shape_of
 from .layout import Layout, merge_sources
 from .options import ConvertOptions
-from .rules import PAD_MODULES, Kind, Rule, rule_for
+from .rules import PAD_MODULES, TRANSPOSES, Kind, Rule, is_kind, rule_for
 
 
 @dataclass
@@ -27,7 +29,9 @@ class LinkPlan:
     absorbers: dict[str, Layout] = field(default_factory=dict)           # node -> layout of its input
     channel_params: dict[str, Layout] = field(default_factory=dict)
     expands: dict[str, tuple[str, Layout]] = field(default_factory=dict)  # binary node -> (ordinary operand, layout)
-    flattens: dict[str, int | None] = field(default_factory=dict)        # node -> start dim (None: same shape)
+    flattens: dict[str, int] = field(default_factory=dict)               # node -> start dim of torch.flatten
+    rewires: dict[str, str] = field(default_factory=dict)                # node -> node whose value replaces it
+    selects: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # piece -> (source, physical channels)
     boundaries: list[tuple[str, str, str, str]] = field(default_factory=list)  # consumer, producer, kind, reason
     skipped: dict[str, str] = field(default_factory=dict)                # act node -> reason
 
@@ -75,20 +79,22 @@ def _reachable_absorbers(gm: fx.GraphModule, start: fx.Node) -> list[nn.Module]:
     return found
 
 
+def _consumer_groups(gm: fx.GraphModule, node: fx.Node, channels: int) -> int:
+    """Groups of a grouped/depthwise conv reading ``node``'s channels (1 if none)."""
+    for module in _reachable_absorbers(gm, node):
+        groups = getattr(module, "groups", 1)
+        if groups > 1 and getattr(module, "in_channels", None) == channels:
+            return groups
+    return 1
+
+
 def _initial_layout(gm: fx.GraphModule, node: fx.Node, shape: tuple[int, ...]) -> tuple[Layout, int]:
     """Channel axis and grouping chosen from what the activation feeds: a Linear on a
     3D+ tensor reads the last axis; a grouped/depthwise conv wants a per-group layout."""
-    absorbers = _reachable_absorbers(gm, node)
     ndim = len(shape)
-    dim = ndim - 1 if ndim > 2 and any(isinstance(m, nn.Linear) for m in absorbers) else 1
-    channels = shape[dim]
-    groups = 1
-    for module in absorbers:
-        g = getattr(module, "groups", 1)
-        if g > 1 and getattr(module, "in_channels", None) == channels and dim == 1:
-            groups = g
-            break
-    return Layout.grouped(channels, groups, dim, node.name), groups
+    dim = ndim - 1 if ndim > 2 and any(isinstance(m, nn.Linear) for m in _reachable_absorbers(gm, node)) else 1
+    groups = _consumer_groups(gm, node, shape[dim]) if dim == 1 else 1
+    return Layout.grouped(shape[dim], groups, dim, node.name), groups
 
 
 def find_candidates(gm: fx.GraphModule, options: ConvertOptions) -> tuple[dict[str, tuple[Layout, int]], dict[str, str]]:
@@ -164,21 +170,110 @@ def _pass(gm, node, carried, rule, plan, options) -> None:
         plan.channel_params[node.name] = layout
 
 
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _channel_shuffle(gm, split: fx.Node, layout: Layout, in_shape: tuple, out_shape: tuple):
+    """``view(N, G, C/G, ...) -> transpose -> [contiguous] -> view(N, C, ...)`` starting at
+    ``split``: returns (last view, order) with out channel k = in channel order[k], or None."""
+    d = layout.dim
+    if (len(out_shape) != len(in_shape) + 1 or out_shape[:d] != in_shape[:d] or out_shape[d + 2:] != in_shape[d + 1:]
+            or out_shape[d] * out_shape[d + 1] != in_shape[d]):
+        return None
+    transpose = _sole_user(split)
+    if transpose is None or transpose.target not in TRANSPOSES:
+        return None
+    if {normalize_dim(a, len(out_shape)) for a in transpose.args[1:3]} != {d, d + 1}:
+        return None
+    merge = _sole_user(transpose)
+    while merge is not None and merge.target == "contiguous":
+        merge = _sole_user(merge)
+    if merge is None or not is_kind(gm, merge, Kind.FLATTEN) or shape_of(merge) != in_shape:
+        return None
+    groups, per = out_shape[d], out_shape[d + 1]
+    return merge, [g * per + j for j in range(per) for g in range(groups)]
+
+
 def _flatten(gm, node, carried, rule, plan, options) -> None:
     if not _only_first_arg(node, carried):
         return _slice_all(node, carried, plan, "op does not carry a linked tensor in this form")
     layout = plan.layouts[carried[0].name]
     in_shape, out_shape = shape_of(carried[0]), shape_of(node)
     d = layout.dim
-    if in_shape is not None and out_shape == in_shape:
+    if in_shape is None or out_shape is None:
+        return plan.boundary(node, carried[0], "reshape of unknown shape")
+    if out_shape == in_shape:  # a view to the same shape: a no-op
         plan.layouts[node.name] = layout
-        plan.flattens[node.name] = None  # a view to the same shape: becomes a no-op
+        plan.rewires[node.name] = carried[0].name
         return
-    if (in_shape is None or out_shape is None or len(out_shape) != d + 1 or out_shape[:d] != in_shape[:d]
-            or out_shape[d] != math.prod(in_shape[d:])):
+    shuffle = _channel_shuffle(gm, node, layout, in_shape, out_shape)
+    if shuffle is not None:  # a pure channel permutation: becomes a layout permutation, no runtime op
+        merge, order = shuffle
+        plan.layouts[merge.name] = layout.permuted(order)
+        plan.rewires[merge.name] = carried[0].name
+        return
+    if len(out_shape) != d + 1 or out_shape[:d] != in_shape[:d] or out_shape[d] != math.prod(in_shape[d:]):
         return plan.boundary(node, carried[0], "reshape other than flattening the channel axis")
     plan.layouts[node.name] = layout.expand_trailing(math.prod(in_shape[d + 1:]))
     plan.flattens[node.name] = d
+
+
+def _split_sizes(node: fx.Node, channels: int) -> list[int] | None:
+    amount = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
+    if isinstance(amount, (list, tuple)):
+        return list(amount)
+    if not isinstance(amount, int) or amount <= 0:
+        return None
+    size = -(-channels // amount) if node.target in ("chunk", torch.chunk) else amount
+    return [size] * (channels // size) + ([channels % size] if channels % size else [])
+
+
+def _split(gm, node, carried, rule, plan, options) -> None:
+    if not _only_first_arg(node, carried):
+        return _slice_all(node, carried, plan, "op does not carry a linked tensor in this form")
+    layout = plan.layouts[carried[0].name]
+    in_shape = shape_of(carried[0])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if in_shape is None or normalize_dim(dim, len(in_shape)) != layout.dim:
+        return plan.boundary(node, carried[0], "splits another axis")
+    sizes = _split_sizes(node, layout.channels)
+    pieces = list(node.users)
+    if sizes is None or not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in pieces):
+        return plan.boundary(node, carried[0], "split whose pieces are not indexed directly")
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for piece in pieces:
+        i = piece.args[1]
+        _select(gm, piece, carried[0], layout, offsets[i], offsets[i] + sizes[i], plan)
+
+
+def _select(gm, piece: fx.Node, source: fx.Node, layout: Layout, start: int, stop: int, plan: LinkPlan) -> None:
+    """``piece`` reads logical channels [start, stop) of ``source``: a ChannelSelect of them
+    and their twins, ordered per group when a grouped conv reads the piece (MixNet)."""
+    groups = _consumer_groups(gm, piece, stop - start)
+    physical, sub = layout.select(start, stop, groups)
+    plan.selects[piece.name] = (source.name, physical)
+    plan.layouts[piece.name] = sub
+
+
+def _index(gm, node, carried, rule, plan, options) -> None:
+    """``x[:, a:b]`` and other basic slicing: a channel slice becomes a selection."""
+    if not _only_first_arg(node, carried):
+        return _slice_all(node, carried, plan, "op does not carry a linked tensor in this form")
+    layout = plan.layouts[carried[0].name]
+    in_shape = shape_of(carried[0])
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if in_shape is None or not all(isinstance(i, slice) for i in index) or len(index) > len(in_shape):
+        return plan.boundary(node, carried[0], "indexing other than slicing")
+    trivial = [i == slice(None) for i in index] + [True] * (len(in_shape) - len(index))
+    channel = index[layout.dim] if layout.dim < len(index) else slice(None)
+    if trivial[layout.dim]:
+        plan.layouts[node.name] = layout  # slices other axes only
+        return
+    start, stop, step = channel.indices(layout.channels)
+    if step != 1 or not all(t for d, t in enumerate(trivial) if d != layout.dim):
+        return plan.boundary(node, carried[0], "strided channel slice or slicing several axes")
+    _select(gm, node, carried[0], layout, start, stop, plan)
 
 
 def _binary(gm, node, carried, rule, plan, options) -> None:
@@ -252,7 +347,7 @@ def _reduce(gm, node, carried, rule, plan, options) -> None:
 
 _HANDLERS = {
     Kind.ABSORB: _absorb, Kind.PASS: _pass, Kind.CHANNEL_PARAMS: _pass, Kind.FLATTEN: _flatten,
-    Kind.BINARY: _binary, Kind.CAT: _cat, Kind.REDUCE: _reduce,
+    Kind.BINARY: _binary, Kind.CAT: _cat, Kind.REDUCE: _reduce, Kind.SPLIT: _split, Kind.INDEX: _index,
 }
 
 

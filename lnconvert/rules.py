@@ -31,6 +31,8 @@ class Kind(enum.Enum):
     BINARY = "binary"                # add / mul / sub / div
     CAT = "cat"                      # concatenation
     REDUCE = "reduce"                # mean / sum / max over non-channel dims
+    SPLIT = "split"                  # chunk / split into pieces along an axis
+    INDEX = "index"                  # x[...] basic slicing
 
 
 @dataclass(frozen=True)
@@ -218,3 +220,7 @@ for _t in (torch.cat, torch.concat, torch.concatenate):
     register_rule(_t, Kind.CAT)
 for _t in ("mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin):
     register_rule(_t, Kind.REDUCE)
+for _t in ("chunk", torch.chunk, "split", torch.split):
+    register_rule(_t, Kind.SPLIT)
+register_rule(operator.getitem, Kind.INDEX)
+TRANSPOSES = (torch.transpose, "transpose")

@@ -326,3 +326,73 @@ def test_converted_model_trains_at_batch_size_one():
     assert torch.count_nonzero(twin_grad) > 0  # twins learn from the first step
     opt.step()
     assert F.cross_entropy(model(x), y) < first
+
+
+class Shuffle(nn.Module):
+    """ShuffleNetV2's block structure: chunk, branch, cat, channel shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.branch = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1)
+        self.dw, self.head = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 2, 1)
+
+    @staticmethod
+    def shuffle(x, groups=2):
+        n, c, h, w = x.size()
+        return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = self.shuffle(torch.cat([a, F.relu(self.branch(b))], dim=1))
+        a, b = torch.split(x, [4, 4], dim=1)
+        return self.head(F.relu(self.dw(b))) + a.mean()
+
+
+def test_channel_shuffle_becomes_a_layout_permutation_and_chunks_select():
+    result = assert_exact(Shuffle().eval(), torch.randn(2, 3, 6, 6))
+    assert len(linked(result)) == 3
+    graph_ops = {n.target for n in result.model.graph.nodes}
+    assert "transpose" not in {getattr(t, "__name__", t) for t in graph_ops}  # shuffle left no runtime op
+    assert not {"view", "chunk", "split"} & graph_ops
+    assert result.model.dw.in_channels == 8 and result.model.dw.groups == 4  # piece regrouped for depthwise
+
+
+class Sliced(nn.Module):
+    """GhostNet's `cat([x1, x2])[:, :C]`, and MixNet's split into depthwise pieces."""
+
+    def __init__(self):
+        super().__init__()
+        self.primary, self.cheap = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.dw_a, self.dw_b = nn.Conv2d(2, 2, 3, padding=1, groups=2), nn.Conv2d(3, 3, 5, padding=2, groups=3)
+        self.head = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        x1 = F.relu(self.primary(x))
+        x = torch.cat([x1, F.relu(self.cheap(x1))], dim=1)[:, :5]
+        x = F.silu(x)
+        a, b = torch.split(x, [2, 3], 1)
+        return self.head(torch.cat([self.dw_a(a), self.dw_b(b)], 1))
+
+
+def test_channel_slices_and_depthwise_pieces():
+    result = assert_exact(Sliced().eval(), torch.randn(2, 3, 6, 6))
+    acts = result.report.activations
+    assert [(a["type"], a["action"]) for a in acts] == [("relu", "linked"), ("relu", "skipped"), ("silu", "linked")]
+    assert "no absorbing consumer" in acts[1]["detail"]  # it only feeds the silu, which links afresh
+    assert result.model.dw_a.in_channels == 4 and result.model.dw_b.in_channels == 6
+
+
+def test_unsupported_index_is_an_exact_boundary():
+    class Strided(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            return self.head(y), y[:, ::2]
+
+    result = assert_exact(Strided().eval(), torch.randn(2, 3, 4, 4))
+    reasons = {b["reason"] for b in result.report.boundaries}
+    assert "strided channel slice or slicing several axes" in reasons

@@ -81,27 +81,30 @@ def _index_buffer(module: nn.Module, name: str, index: Sequence[int]) -> None:
 
 
 class ChannelSelect(nn.Module):
-    """Keep the given channels (the primaries of a linked tensor): a ``slice`` boundary.
+    """Keep the given channels: the primaries of a linked tensor (a ``slice`` boundary),
+    or one piece of a ``chunk``/``split``.
 
-    A prefix range becomes a narrow (ONNX ``Slice``), anything else a gather.
+    A contiguous range becomes a narrow (ONNX ``Slice``), anything else a gather.
     ``copy=True`` returns fresh memory, for consumers that write in place.
     """
 
     def __init__(self, index: Sequence[int], dim: int = 1, copy: bool = False):
         super().__init__()
+        index = list(index)
         self.dim, self.copy = dim, copy
-        self.prefix = list(index) == list(range(len(index)))
         self.length = len(index)
+        self.start = index[0] if index and index == list(range(index[0], index[0] + len(index))) else -1
         _index_buffer(self, "index", index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prefix:
-            out = x.narrow(self.dim, 0, self.length)
+        if self.start >= 0:
+            out = x.narrow(self.dim, self.start, self.length)
             return out.clone() if self.copy else out
         return x.index_select(self.dim, self.index)
 
     def extra_repr(self) -> str:
-        return f"{self.length} channels, dim={self.dim}" + (", prefix" if self.prefix else "")
+        where = f"[{self.start}:{self.start + self.length}]" if self.start >= 0 else "gathered"
+        return f"{self.length} channels {where}, dim={self.dim}"
 
 
 class ChannelExpand(nn.Module):

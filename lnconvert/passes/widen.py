@@ -64,8 +64,7 @@ def widen_channel_params(module: nn.Module, layout: Layout) -> nn.Module:
 def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
     """Absorbing consumers get zero twin weights (per call site); per-channel modules get
     duplicated parameters; an ordinary operand multiplied into a linked tensor (SE gate) is
-    repeated into the layout; flattens/views of a linked tensor are rewritten to
-    ``torch.flatten`` so no hard-coded channel count survives.
+    repeated into the layout.
     Preserves: every consumer's output (absorbers) or primary half (others) exactly.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -85,15 +84,5 @@ def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
                                + len(other.meta["tensor_meta"].shape))
         expanded = insert_module_after(gm, other, expand, f"{operand}_expand", (other,))
         node.replace_input_with(other, expanded)
-    for name, start_dim in plan.flattens.items():
-        node = nodes[name]
-        if start_dim is None:
-            node.replace_all_uses_with(node.args[0])
-        else:
-            with gm.graph.inserting_before(node):
-                flat = gm.graph.call_function(torch.flatten, (node.args[0], start_dim))
-            flat.meta = dict(node.meta)
-            node.replace_all_uses_with(flat)
-        gm.graph.erase_node(node)
     gm.recompile()
     return gm
