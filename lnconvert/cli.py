@@ -91,8 +91,10 @@ def convert_cmd(
     input_size: Optional[str] = typer.Option(None, help="Example input C,H,W (default: the model's config, "
                                                         "else 3,224,224)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Saved model path "
-                                                                       "(default MODEL-linked.safetensors)."),
+                                          "(default MODEL-linked.safetensors, .pt2 or .torchscript.pt)."),
     no_save: bool = typer.Option(False, "--no-save", help="Convert and verify only; write no model."),
+    save_format: str = typer.Option("safetensors", "--format", help="safetensors (weights + spec, no pickle; "
+                                    "reload with lnconvert.load), pt2 (torch.export) or torchscript (traced)."),
     report_json: Optional[Path] = typer.Option(None, help="Write the full report as JSON here."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the original."),
@@ -104,7 +106,7 @@ def convert_cmd(
 ) -> None:
     """Convert MODEL, verify it against the original and save it (safetensors + spec)."""
     from .convert import convert
-    from .io import check_output_path, save, spec_for
+    from .io import FORMATS, check_output_path, save, spec_for
     from .models import load_model
     from .trace import default_example_inputs
 
@@ -117,7 +119,9 @@ def convert_cmd(
                        precision=precision)  # validate before the (slow) model load
         target = None
         if not no_save:
-            default_name = model.replace("/", "_").replace(":", "_") + "-linked.safetensors"
+            if save_format not in FORMATS:
+                raise UsageError(f"unknown --format {save_format!r}; choose one of: {', '.join(FORMATS)}")
+            default_name = model.replace("/", "_").replace(":", "_") + "-linked" + FORMATS[save_format]
             target = check_output_path(output or Path(default_name), force)
         if report_json is not None:
             check_output_path(report_json, force)
@@ -139,7 +143,7 @@ def convert_cmd(
         if target is not None:
             spec = spec_for(model, weights, result.report.options, [list(t.shape) for t in inputs],
                             result.report.to_dict())
-            save(result.model, target, spec, force=force)
+            save(result.model, target, spec, force=force, format=save_format)
             out.print(f"saved {target}")
         if report_json is not None:
             from .io import atomic_path

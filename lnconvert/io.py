@@ -1,9 +1,13 @@
-"""Saving and loading converted models without pickle: safetensors weights + a JSON spec.
+"""Saving and loading converted models.
 
-The file is one ``.safetensors`` whose metadata holds the conversion spec (source model,
-options, example input shape, lnconvert version, report). :func:`load` rebuilds the graph
-by converting the source architecture again with the same options (deterministic), then
-loads the weights. Writes are atomic: a temp file in the target directory, then a rename.
+Default format (``safetensors``), with no pickle: one ``.safetensors`` file whose metadata
+holds the conversion spec (source model, options, example input shape, lnconvert version,
+report). :func:`load` rebuilds the graph by converting the source architecture again with
+the same options (deterministic), then loads the weights.
+
+Deployment formats: ``pt2`` (a ``torch.export`` ExportedProgram with a dynamic batch axis)
+and ``torchscript`` (traced; scripting fails on several activation classes). Both embed the
+spec as an extra file. Writes are atomic: a temp file in the target directory, then a rename.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from . import __version__
 from .errors import ModelSourceError, OutputError
 
 SPEC_KEY = "lnconvert_spec"
+SPEC_FILE = "lnconvert_spec.json"
+FORMATS = {"safetensors": ".safetensors", "pt2": ".pt2", "torchscript": ".torchscript.pt"}
 
 
 def check_output_path(path: str | Path, force: bool) -> Path:
@@ -41,10 +47,14 @@ def check_output_path(path: str | Path, force: bool) -> Path:
 def atomic_path(path: str | Path) -> Iterator[str]:
     """Yield a temp path beside ``path``; rename it over ``path`` only if the block succeeds."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    # keep the real suffix last: torch.export checks it
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent or ".")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the user's usual permissions
         os.replace(tmp, path)
     except BaseException:  # includes KeyboardInterrupt: never leave a partial file
         if os.path.exists(tmp):
@@ -52,24 +62,59 @@ def atomic_path(path: str | Path) -> Iterator[str]:
         raise
 
 
-def save(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = False) -> Path:
-    """Write ``model``'s weights and ``spec`` (from :func:`spec_for`) to ``path`` atomically."""
-    from safetensors.torch import save_file
-
+def save(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = False,
+         format: str = "safetensors") -> Path:
+    """Write ``model`` and ``spec`` (from :func:`spec_for`) to ``path`` atomically."""
+    if format not in FORMATS:
+        raise OutputError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     path = check_output_path(path, force)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    metadata = {SPEC_KEY: json.dumps(spec, default=str)}
+    text = json.dumps(spec, default=str)
     try:
         with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
+            if format == "safetensors":
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp,
+                          metadata={SPEC_KEY: text})
+            else:
+                _save_deployment(model.eval(), tmp, spec, text, format)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 
 
+def _save_deployment(model: nn.Module, tmp: str, spec: dict, text: str, format: str) -> None:
+    example = tuple(torch.zeros(shape) for shape in spec["input_shape"])
+    with torch.no_grad():
+        if format == "pt2":
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in example))
+            torch.export.save(program, tmp, extra_files={SPEC_FILE: text})
+        else:
+            traced = torch.jit.trace(model, example)
+            torch.jit.save(traced, tmp, _extra_files={SPEC_FILE: text})
+
+
 def spec_for(source: str, weights: str | None, options: dict, input_shape: list[list[int]], report: dict) -> dict:
     return {"format": "lnconvert/1", "lnconvert_version": __version__, "source": source, "weights": weights,
             "options": options, "input_shape": input_shape, "report": report}
+
+
+def detect_format(path: str | Path) -> str:
+    """``safetensors``, ``pt2`` or ``torchscript``, from the file's content."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelSourceError(f"saved model not found: {path}")
+    if zipfile.is_zipfile(path):
+        names = zipfile.ZipFile(path).namelist()
+        if any(n.endswith("/models/model.json") for n in names):
+            return "pt2"
+        if any("/code/" in n for n in names):
+            return "torchscript"
+        raise ModelSourceError(f"{path} is a zip archive but neither a pt2 nor a TorchScript model")
+    return "safetensors"
 
 
 def read_spec(path: str | Path) -> dict:
@@ -88,14 +133,30 @@ def read_spec(path: str | Path) -> dict:
     return json.loads(metadata[SPEC_KEY])
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
-    """Rebuild a saved converted model (no unpickling). ``model`` supplies the source
-    architecture when the spec's source is not a loadable name (an in-memory model)."""
+def _load_deployment(path: Path, format: str) -> nn.Module:
+    extra = {SPEC_FILE: ""}
+    try:
+        if format == "pt2":
+            return torch.export.load(str(path), extra_files=extra).module()  # exported in eval mode
+        return torch.jit.load(str(path), _extra_files=extra).eval()
+    except Exception as exc:
+        raise ModelSourceError(f"{path} is not a loadable {format} model (truncated or corrupt?): "
+                               f"{type(exc).__name__}") from exc
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Load a saved converted model. The default format is rebuilt without unpickling
+    (``model`` supplies the source architecture when the spec's source is not a loadable
+    name, i.e. it was converted from an in-memory model); pt2 / TorchScript files load with
+    torch's own loaders."""
     from safetensors.torch import load_file
 
     from .convert import convert
     from .models import load_model
 
+    format = detect_format(path)
+    if format != "safetensors":
+        return _load_deployment(Path(path), format)
     spec = read_spec(path)
     if model is None:
         if not spec.get("source"):

@@ -73,7 +73,14 @@ def _build(library: str, arch: str, official: bool) -> nn.Module:
 
 def load_model(name: str, weights: str | None = None, *, trust_pickle: bool = False) -> nn.Module:
     """Build a model by name with ``weights``: None (the architecture's own initialisation),
-    ``"DEFAULT"`` (official weights; needs network or a local cache) or a checkpoint path."""
+    ``"DEFAULT"`` (official weights; needs network or a local cache) or a checkpoint path.
+    A path to a saved lnconvert model (``.safetensors``, ``.pt2``, ``.torchscript.pt``) loads it."""
+    if Path(name).suffix in (".safetensors", ".pt2") or name.endswith(".torchscript.pt"):
+        from .io import load
+
+        if weights is not None:
+            raise ModelSourceError(f"{name} is a saved lnconvert model; it carries its own weights (drop --weights)")
+        return load(name)  # already in eval mode (a pt2 module cannot even switch modes)
     library, arch = resolve(name)
     official = weights is not None and weights.upper() == "DEFAULT"
     try:

@@ -35,6 +35,8 @@ def test_default_output_name_and_no_overwrite(tmp_path):
     proc = run("squeezenet1_0", *SMALL, cwd=tmp_path)
     assert proc.returncode == 6 and "--force" in proc.stderr and target.stat().st_mtime_ns == stamp
     assert run("squeezenet1_0", *SMALL, "--force", cwd=tmp_path).returncode == 0
+    assert run("squeezenet1_0", *SMALL, "--format", "pt2", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "squeezenet1_0-linked.pt2").is_file()
 
 
 @pytest.mark.parametrize("args,code,message", [
@@ -47,6 +49,7 @@ def test_default_output_name_and_no_overwrite(tmp_path):
     (["resnet18", "--weights", "/nonexistent.pt"], 3, "not found"),
     (["resnet18", "--weights", "DEFAULT", "--no-save"], 3, "--weights PATH"),
     (["resnet18", "-o", "/"], 6, "is a directory"),
+    (["resnet18", "--format", "onnx"], 2, "unknown --format"),
     (["resnet18", "-o", "/nonexistent-dir/x.safetensors"], 6, "does not exist"),
 ])
 def test_bad_input_gives_one_line_and_exit_code(args, code, message):
