@@ -1,6 +1,7 @@
 """lnconvert: convert trained PyTorch models to BatchNorm-free models with linked activations."""
 __version__ = "0.1.0"
 
+from .compact import CompactResult, compact  # noqa: E402
 from .convert import ConversionResult, convert, remaining_batchnorm  # noqa: E402
 from .errors import LnConvertError  # noqa: E402
 from .io import load, save  # noqa: E402
@@ -8,5 +9,6 @@ from .models import load_model  # noqa: E402
 from .report import ConversionReport  # noqa: E402
 from .rules import register_rule  # noqa: E402
 
-__all__ = ["ConversionReport", "ConversionResult", "LnConvertError", "__version__", "convert", "load",
+__all__ = ["CompactResult", "ConversionReport", "ConversionResult", "LnConvertError", "__version__", "compact",
+           "convert", "load",
            "load_model", "register_rule", "remaining_batchnorm", "save"]

@@ -157,6 +157,62 @@ def convert_cmd(
         _fail(exc, debug)
 
 
+@app.command("compact", no_args_is_help=True)
+def compact_cmd(
+    saved_model: Path = typer.Argument(..., help="A converted model saved by lnconvert (.safetensors)."),
+    data: Optional[Path] = typer.Option(None, help="Calibration inputs: a .pt file holding one tensor (N, C, ...); "
+                                                   "enables dead-twin removal and activity-weighted saliency."),
+    target_macs: Optional[str] = typer.Option(None, help="MAC budget relative to the original model, e.g. 1.2x."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: SAVED-compact.safetensors."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Remove twins that cannot change the output (exact), then the least salient ones to meet --target-macs."""
+    import torch
+
+    from .compact import compact
+    from .io import check_output_path, read_spec, save, spec_for
+
+    try:
+        target = check_output_path(output or saved_model.with_name(saved_model.name.replace(
+            ".safetensors", "") + "-compact.safetensors"), force)
+        batches = None
+        if data is not None:
+            if not data.is_file():
+                raise UsageError(f"--data file not found: {data}")
+            try:
+                tensor = torch.load(data, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise UsageError(f"--data {data} is not a tensor file ({type(exc).__name__})") from None
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                raise UsageError(f"--data {data} must hold one floating-point tensor (N, C, ...)")
+            batches = list(tensor.split(32))
+        with err.status(f"compacting {saved_model}"):
+            result = compact(saved_model, data=batches, target_macs=target_macs)
+        rep = result.report
+        table = Table(title=f"lnconvert compact: {saved_model}", show_header=False, title_justify="left")
+        for label, value in (
+            ("twins removed", ", ".join(f"{v} {k}" for k, v in rep.removed.items()) or "none"),
+            ("MACs / sample", f"original {rep.macs_original:,} | converted {rep.macs_before:,} | "
+                              f"compacted {rep.macs_after:,} ({rep.macs_after / max(rep.macs_original, 1):.2f}x)"),
+            ("params", f"{rep.params_before:,} -> {rep.params_after:,}"),
+            ("max rel deviation", f"{rep.max_rel_deviation:.2e} (vs the uncompacted model)"),
+        ):
+            table.add_row(label, value)
+        out.print(table)
+        for note in rep.notes:
+            out.print(f"note: {note}")
+        spec = read_spec(saved_model)
+        options = result.conversion.options.to_dict() | {"twins": result.twins}
+        save(result.model, target, spec_for(spec["source"], spec.get("weights"), options, spec["input_shape"],
+                                            spec["report"]), force=force)
+        out.print(f"saved {target}")
+    except (typer.Exit, click.exceptions.Exit):
+        raise
+    except BaseException as exc:
+        _fail(exc, debug)
+
+
 @app.command("list")
 def list_cmd(pattern: str = typer.Argument("*", help="Glob pattern, e.g. 'resnet*'.")) -> None:
     """List model names lnconvert can load from torchvision and timm."""

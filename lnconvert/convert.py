@@ -25,6 +25,11 @@ from .verify import compare, eval_mode
 class ConversionResult:
     model: fx.GraphModule
     report: ConversionReport
+    # what compaction needs to rebuild the graph: the caller's model (read, never modified),
+    # the options and the example inputs
+    source: nn.Module | None = None
+    options: ConvertOptions | None = None
+    example_inputs: tuple[torch.Tensor, ...] = ()
 
 
 @contextlib.contextmanager
@@ -71,6 +76,7 @@ def convert(
     tolerance: float = 1e-5,
     precision: str = "float64",
     name: str | None = None,
+    twins: dict[str, Sequence[int]] | None = None,
 ) -> ConversionResult:
     """Convert a trained model into a BatchNorm-free model with linked activations.
 
@@ -81,11 +87,14 @@ def convert(
     ``report`` holds the per-output errors. ``precision="float64"`` (default) evaluates
     both models in float64, measuring the conversion free of float32 rounding noise (the
     float32 deviation is reported too); ``"float32"`` compares them as they are.
+    ``twins`` (set by :func:`lnconvert.compact`) keeps twins only for the listed channels
+    of the named activations.
     """
     options = ConvertOptions(drop_bn=drop_bn, link=link, policy=policy,
                              activations=tuple(activations) if activations is not None else None,
                              residual=residual, leaf_modules=tuple(leaf_modules), tolerance=tolerance,
-                             precision=precision)
+                             precision=precision,
+                             twins={k: tuple(v) for k, v in twins.items()} if twins is not None else None)
     if not isinstance(model, nn.Module):
         raise UsageError(f"expected an nn.Module, got {type(model).__name__}")
     report = ConversionReport(model=name or type(model).__name__, options=options.to_dict(),
@@ -154,7 +163,7 @@ def convert(
                               f"input has max rel error {worst.max_rel:.3e} > tolerance {tolerance:.0e}", report)
         report.status = "partial" if report.status_reasons else "exact"
     gm.train(model.training)  # hand back the caller's mode
-    return ConversionResult(gm, report)
+    return ConversionResult(gm, report, model, options, inputs)
 
 
 __all__ = ["ConversionResult", "convert", "remaining_batchnorm", "eval_mode"]

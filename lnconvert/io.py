@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from . import __version__
 from .errors import ModelSourceError, OutputError
+from .options import ConvertOptions
 
 SPEC_KEY = "lnconvert_spec"
 SPEC_FILE = "lnconvert_spec.json"
@@ -162,9 +163,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if not spec.get("source"):
             raise ModelSourceError(f"{path} was converted from an in-memory model; pass model= to load it")
         model = load_model(spec["source"])
-    options = dict(spec["options"])
-    options.pop("precision", None)
-    options.pop("tolerance", None)
+    options = ConvertOptions.from_dict(spec["options"]).to_dict()
+    options.pop("precision")
+    options.pop("tolerance")
     inputs = tuple(torch.zeros(shape) for shape in spec["input_shape"])
     rebuilt = convert(model, example_inputs=inputs, verify=False, **options).model
     state = load_file(str(path))
@@ -173,3 +174,20 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         raise ModelSourceError(f"{path} does not match its rebuilt graph "
                                f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
     return rebuilt.eval()
+
+
+def load_result(path: str | Path):
+    """A saved model as a :class:`ConversionResult` (source architecture, options, example
+    inputs and report included), e.g. for :func:`lnconvert.compact`."""
+    from .convert import ConversionResult
+    from .models import load_model
+    from .report import ConversionReport
+
+    if detect_format(path) != "safetensors":
+        raise ModelSourceError(f"{path}: only the default safetensors format keeps what compaction needs")
+    spec = read_spec(path)
+    if not spec.get("source"):
+        raise ModelSourceError(f"{path} was converted from an in-memory model; compact the ConversionResult instead")
+    inputs = tuple(torch.randn(shape, generator=torch.Generator().manual_seed(0)) for shape in spec["input_shape"])
+    return ConversionResult(load(path), ConversionReport.from_dict(spec["report"]), load_model(spec["source"]),
+                            ConvertOptions.from_dict(spec["options"]), inputs)

@@ -4,11 +4,18 @@ A linked tensor carries, for each *logical* channel ``c`` of the original tensor
 physical position of its primary value (what the original graph computed) and of its
 twin (or -1 when the channel has no twin, e.g. an ordinary input of a ``cat``).
 Consumers permute their weights to match the layout, so no runtime shuffles are needed.
+
+Each twin also records its *origin*: the linked activation and channel it came from (a
+set, since adding two linked tensors sums their twins). Compaction uses the origins to
+find every weight column that reads a given twin.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
+
+Origin = frozenset  # of (activation node name, channel) pairs
+_NONE: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -16,8 +23,7 @@ class Layout:
     primary: tuple[int, ...]
     twin: tuple[int, ...]
     dim: int  # channel axis, non-negative
-    # names of the linked activations whose twins this tensor carries
-    sources: frozenset[str] = field(default=frozenset(), compare=False)
+    origins: tuple[frozenset, ...] = field(default=(), compare=False)  # per logical channel
 
     @property
     def channels(self) -> int:
@@ -32,9 +38,15 @@ class Layout:
         return all(t >= 0 for t in self.twin)
 
     @property
-    def is_primary_prefix(self) -> bool:
-        """True when the primaries are the first C physical channels in order."""
-        return self.primary == tuple(range(self.channels))
+    def sources(self) -> frozenset[str]:
+        """Names of the linked activations whose twins this tensor carries."""
+        return frozenset(name for origin in self.origins for name, _ in origin)
+
+    def origin(self, c: int) -> frozenset:
+        return self.origins[c] if self.origins else _NONE
+
+    def _origins(self, channels: Iterable[int]) -> tuple[frozenset, ...]:
+        return tuple(self.origin(c) for c in channels) if self.origins else ()
 
     def logical_of_physical(self) -> list[int]:
         """For each physical channel, the logical channel it belongs to."""
@@ -59,7 +71,7 @@ class Layout:
         return all(p // per_group_phys == c // per_group_log for c, p in enumerate(self.primary))
 
     def with_dim(self, dim: int) -> "Layout":
-        return Layout(self.primary, self.twin, dim, self.sources)
+        return Layout(self.primary, self.twin, dim, self.origins)
 
     def expand_trailing(self, size: int) -> "Layout":
         """Layout after flattening the channel axis with ``size`` trailing elements per channel."""
@@ -67,29 +79,35 @@ class Layout:
             return self
         prim = tuple(p * size + s for p in self.primary for s in range(size))
         twin = tuple((t * size + s) if t >= 0 else -1 for t in self.twin for s in range(size))
-        return Layout(prim, twin, self.dim, self.sources)
+        origins = tuple(o for o in self.origins for _ in range(size))
+        return Layout(prim, twin, self.dim, origins)
 
     def permuted(self, order: list[int]) -> "Layout":
         """Layout of the same physical tensor whose logical channel k is our ``order[k]``."""
         return Layout(tuple(self.primary[c] for c in order), tuple(self.twin[c] for c in order), self.dim,
-                      self.sources)
+                      self._origins(order))
 
     def select(self, start: int, stop: int, groups: int = 1) -> tuple[list[int], "Layout"]:
         """Physical channels holding logical channels [start, stop) with their twins, and
         the layout of that selection: ascending order, or ``grouped(groups)`` order when every
         channel has a twin (for a grouped/depthwise consumer of the piece)."""
         prim, twin = self.primary[start:stop], self.twin[start:stop]
+        origins = self._origins(range(start, stop))
         count = stop - start
         if groups > 1 and count % groups == 0 and all(t >= 0 for t in twin):
             per = count // groups
             physical = [c for g in range(groups) for c in prim[g * per:(g + 1) * per] + twin[g * per:(g + 1) * per]]
-            grouped = Layout.grouped(count, groups, self.dim, "")
-            return physical, Layout(grouped.primary, grouped.twin, self.dim, self.sources)
+            grouped = Layout.linked(count, groups, self.dim, "")
+            return physical, Layout(grouped.primary, grouped.twin, self.dim, origins)
         physical = sorted(set(prim) | {t for t in twin if t >= 0})
         position = {p: i for i, p in enumerate(physical)}
-        sources = self.sources if any(t >= 0 for t in twin) else frozenset()  # a twinless piece credits none
         return physical, Layout(tuple(position[p] for p in prim), tuple(position[t] if t >= 0 else -1 for t in twin),
-                                self.dim, sources)
+                                self.dim, origins)
+
+    def merged(self, other: "Layout") -> "Layout":
+        """The same layout carrying both tensors' twins (the sum of two linked tensors)."""
+        origins = tuple(self.origin(c) | other.origin(c) for c in range(self.channels))
+        return Layout(self.primary, self.twin, self.dim, origins)
 
     @staticmethod
     def plain(channels: int, dim: int) -> "Layout":
@@ -97,35 +115,39 @@ class Layout:
         return Layout(tuple(range(channels)), (-1,) * channels, dim)
 
     @staticmethod
-    def grouped(channels: int, groups: int, dim: int, source: str) -> "Layout":
-        """Per group: that group's primaries, then its twins. ``groups=1`` is the block layout."""
+    def linked(channels: int, groups: int, dim: int, source: str,
+               twin_channels: Sequence[int] | None = None) -> "Layout":
+        """A linked activation's output. All twins: per group, that group's primaries then its
+        twins (``groups=1`` is the block layout ``[primaries | twins]``). A subset of twins
+        (after compaction, ``groups=1``): primaries, then the kept twins in channel order."""
+        if twin_channels is not None:
+            rank = {c: i for i, c in enumerate(sorted(twin_channels))}
+            twin = tuple(channels + rank[c] if c in rank else -1 for c in range(channels))
+            origins = tuple(frozenset({(source, c)}) if c in rank else _NONE for c in range(channels))
+            return Layout(tuple(range(channels)), twin, dim, origins)
         per = channels // groups
         prim, twin = [], []
         for g in range(groups):
             base = 2 * per * g
             prim += range(base, base + per)
             twin += range(base + per, base + 2 * per)
-        return Layout(tuple(prim), tuple(twin), dim, frozenset({source}))
+        return Layout(tuple(prim), tuple(twin), dim, tuple(frozenset({(source, c)}) for c in range(channels)))
 
     @staticmethod
     def concat(parts: Sequence["Layout"], dim: int) -> "Layout":
         prim: list[int] = []
         twin: list[int] = []
+        origins: list[frozenset] = []
         offset = 0
-        sources: set[str] = set()
         for part in parts:
             prim += (p + offset for p in part.primary)
             twin += ((t + offset) if t >= 0 else -1 for t in part.twin)
+            origins += (part.origin(c) for c in range(part.channels))
             offset += part.width
-            sources |= part.sources
-        return Layout(tuple(prim), tuple(twin), dim, frozenset(sources))
+        return Layout(tuple(prim), tuple(twin), dim, tuple(origins))
 
     def to_json(self) -> dict:
         return {"primary": list(self.primary), "twin": list(self.twin), "dim": self.dim}
-
-    @staticmethod
-    def from_json(data: dict) -> "Layout":
-        return Layout(tuple(data["primary"]), tuple(data["twin"]), int(data["dim"]))
 
 
 def describe(layout: Layout) -> str:
@@ -133,7 +155,7 @@ def describe(layout: Layout) -> str:
     c = layout.channels
     if c and layout.twin[0] > 0 and c % layout.twin[0] == 0:
         groups = c // layout.twin[0]
-        if layout == Layout.grouped(c, groups, layout.dim, ""):
+        if layout == Layout.linked(c, groups, layout.dim, ""):
             kind = "block" if groups == 1 else f"grouped({groups})"
             return f"{kind} {c}->{layout.width}"
     return f"mapped {c}->{layout.width}"

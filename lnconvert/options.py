@@ -24,6 +24,8 @@ class ConvertOptions:
     leaf_modules: tuple[str, ...] = ()
     tolerance: float = 1e-5
     precision: str = "float64"
+    # compaction: activation node -> channels that keep a twin (absent: all twins)
+    twins: dict[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -44,6 +46,17 @@ class ConvertOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "ConvertOptions":
+        """Inverse of :meth:`to_dict` after a JSON round trip (lists back to tuples)."""
+        data = dict(data)
+        for key in ("activations", "leaf_modules"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        if data.get("twins") is not None:
+            data["twins"] = {k: tuple(v) for k, v in data["twins"].items()}
+        return ConvertOptions(**data)
 
 
 @dataclass

@@ -94,7 +94,7 @@ def _initial_layout(gm: fx.GraphModule, node: fx.Node, shape: tuple[int, ...]) -
     ndim = len(shape)
     dim = ndim - 1 if ndim > 2 and any(isinstance(m, nn.Linear) for m in _reachable_absorbers(gm, node)) else 1
     groups = _consumer_groups(gm, node, shape[dim]) if dim == 1 else 1
-    return Layout.grouped(shape[dim], groups, dim, node.name), groups
+    return Layout.linked(shape[dim], groups, dim, node.name), groups
 
 
 def find_candidates(gm: fx.GraphModule, options: ConvertOptions) -> tuple[dict[str, tuple[Layout, int]], dict[str, str]]:
@@ -111,8 +111,14 @@ def find_candidates(gm: fx.GraphModule, options: ConvertOptions) -> tuple[dict[s
             skipped[node.name] = "output is not a batched tensor"
         elif _is_gate(gm, node, rule.name):
             skipped[node.name] = "gate: its output multiplies another tensor"
+        elif options.twins is not None and node.name in options.twins and not options.twins[node.name]:
+            skipped[node.name] = "compacted: no twin left"
         else:
             chosen[node.name] = _initial_layout(gm, node, shape)
+            kept = options.twins.get(node.name) if options.twins is not None else None
+            layout = chosen[node.name][0]
+            if kept is not None and len(kept) < layout.channels:
+                chosen[node.name] = Layout.linked(layout.channels, 1, layout.dim, node.name, kept), 1
     return chosen, skipped
 
 
@@ -284,7 +290,7 @@ def _binary(gm, node, carried, rule, plan, options) -> None:
     if all(a in carried for a in operands):
         la, lb = (plan.layouts[a.name] for a in operands)
         if la == lb and shape_of(operands[0]) == shape_of(operands[1]) == out_shape:
-            plan.layouts[node.name] = Layout(la.primary, la.twin, la.dim, merge_sources([la, lb]))
+            plan.layouts[node.name] = la.merged(lb)
             return
         return _slice_all(node, carried, plan, "operands carry different layouts")
     linked = next(a for a in operands if a in carried)
@@ -306,7 +312,7 @@ def _binary(gm, node, carried, rule, plan, options) -> None:
         plan.layouts[node.name] = layout
         plan.expands[node.name] = (other.name, layout)
         return
-    if rule.op == "add" and options.residual == "gate" and layout.has_all_twins:
+    if rule.op == "add" and options.residual == "gate" and any(t >= 0 for t in layout.twin):
         return plan.boundary(node, linked, "residual add with an ordinary tensor", kind="gate")
     plan.boundary(node, linked, f"residual {rule.op} with an ordinary tensor")
 
@@ -324,7 +330,10 @@ def _cat(gm, node, carried, rule, plan, options) -> None:
         plan.layouts[node.name] = Layout.concat(parts, dim)
         return
     if all(t in carried for t in tensors) and all(lay == layouts[0] for lay in layouts):
-        plan.layouts[node.name] = Layout(layouts[0].primary, layouts[0].twin, layouts[0].dim, merge_sources(layouts))
+        merged = layouts[0]
+        for other in layouts[1:]:
+            merged = merged.merged(other)
+        plan.layouts[node.name] = merged
         return
     _slice_all(node, carried, plan, "concatenation of mixed layouts off the channel axis")
 

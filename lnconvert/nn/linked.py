@@ -23,26 +23,39 @@ class LinkedActivation(nn.Module):
     ``mirror``: twin = g(-x) (a parametric g such as PReLU gets its own copy of the
     parameters); ``minmax``: twin = min(x, 0). For ``groups > 1`` the output is laid out
     per group (that group's primaries, then its twins) so that a grouped or depthwise
-    consumer sees each channel's pair inside its own group.
+    consumer sees each channel's pair inside its own group. ``twin_channels`` keeps twins
+    for those channels only (a compacted model): output ``cat(g(x), twin(x[:, kept]))``.
     """
 
-    def __init__(self, act: nn.Module, policy: str = "mirror", dim: int = 1, groups: int = 1):
+    def __init__(self, act: nn.Module, policy: str = "mirror", dim: int = 1, groups: int = 1,
+                 twin_channels: Sequence[int] | None = None):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
-        if groups > 1 and dim < 0:
-            raise ValueError("a grouped layout needs a non-negative channel dim")
+        if groups > 1 and (dim < 0 or twin_channels is not None):
+            raise ValueError("a grouped layout needs a non-negative channel dim and every twin")
         self.act = _out_of_place(act)
         has_params = any(True for _ in self.act.parameters())
         self.twin_act = copy.deepcopy(self.act) if policy == "mirror" and has_params else None
         self.policy, self.dim, self.groups = policy, dim, groups
+        self.subset = twin_channels is not None
+        if self.subset:
+            kept = sorted(twin_channels)
+            _index_buffer(self, "twin_index", kept)
+            if self.twin_act is not None:  # per-channel parameters (PReLU) follow the kept channels
+                for name, param in list(self.twin_act.named_parameters(recurse=False)):
+                    if param.dim() == 1 and param.numel() > 1:
+                        setattr(self.twin_act, name, nn.Parameter(param.detach()[kept].clone()))
+                if hasattr(self.twin_act, "num_parameters"):
+                    self.twin_act.num_parameters = len(kept)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         primary = self.act(x)
+        source = x.index_select(self.dim, self.twin_index) if self.subset else x
         if self.policy == "mirror":
-            twin = (self.twin_act if self.twin_act is not None else self.act)(-x)
+            twin = (self.twin_act if self.twin_act is not None else self.act)(-source)
         else:
-            twin = torch.clamp(x, max=0.0)
+            twin = torch.clamp(source, max=0.0)
         if self.groups == 1:
             return torch.cat([primary, twin], dim=self.dim)
         shape = (self.groups, primary.shape[self.dim] // self.groups)
@@ -50,7 +63,8 @@ class LinkedActivation(nn.Module):
         return pair.flatten(self.dim, self.dim + 1)
 
     def extra_repr(self) -> str:
-        return f"policy={self.policy}, dim={self.dim}, groups={self.groups}"
+        kept = f", twins={self.twin_index.numel()}" if self.subset else ""
+        return f"policy={self.policy}, dim={self.dim}, groups={self.groups}{kept}"
 
 
 def _broadcast_shape(dim: int, ndim: int) -> list[int]:
@@ -126,18 +140,23 @@ class GatedMerge(nn.Module):
     """``primary + a * twin`` per channel with ``a`` learnable, initialised to 0.
 
     The ``gate`` residual boundary: exact at conversion, and lets the twins reach the
-    residual stream once ``a`` is trained.
+    residual stream once ``a`` is trained. A channel without a twin (index -1, e.g. after
+    compaction) reads a constant zero twin.
     """
 
     def __init__(self, primary: Sequence[int], twin: Sequence[int], dim: int = 1):
         super().__init__()
         self.dim = dim
         self.gate = nn.Parameter(torch.zeros(len(primary)))
+        self.complete = all(t >= 0 for t in twin)
+        width = len(primary) + sum(1 for t in twin if t >= 0)
         _index_buffer(self, "primary_index", primary)
-        _index_buffer(self, "twin_index", twin)
+        _index_buffer(self, "twin_index", [t if t >= 0 else width for t in twin])  # width: the zero channel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = _broadcast_shape(self.dim, x.dim())
         primary = x.index_select(self.dim, self.primary_index)
+        if not self.complete:
+            x = torch.cat([x, torch.zeros_like(x.narrow(self.dim, 0, 1))], dim=self.dim)
         twin = x.index_select(self.dim, self.twin_index)
         return primary + self.gate.view(shape) * twin

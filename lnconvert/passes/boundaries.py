@@ -28,6 +28,7 @@ def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
         if kind == "gate":
             merged = insert_module_after(gm, producer, GatedMerge(layout.primary, layout.twin, layout.dim),
                                          f"{producer_name}_gate", (producer,))
+            merged.meta["lnc_in_layout"] = layout
             consumer.replace_input_with(producer, merged)
         else:
             if producer_name not in selects:

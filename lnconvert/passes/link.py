@@ -24,7 +24,10 @@ def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
             continue
         layout, groups = plan.linked[node.name]
         act_type = rule_for(gm, node).name
-        linked = LinkedActivation(gm.get_submodule(node.target), ctx.options.policy, dim=layout.dim, groups=groups)
+        subset = layout.has_all_twins is False
+        kept = [c for c, t in enumerate(layout.twin) if t >= 0] if subset else None
+        linked = LinkedActivation(gm.get_submodule(node.target), ctx.options.policy, dim=layout.dim, groups=groups,
+                                  twin_channels=kept)
         own_module(gm, node, linked, "linked")
         node.meta["lnc_layout"] = layout
         ctx.report.activation(node.name, act_type, "linked", describe(layout))

@@ -14,31 +14,78 @@ from ..plan import LinkPlan
 from ..rules import CONV_TRANSPOSE_MODULES
 
 
-def widen_input(module: nn.Module, layout: Layout) -> nn.Module:
-    """Copy of a conv / transposed conv / linear reading ``layout``: each primary's weights
-    are the original ones, every twin's weights are zero."""
+def read_columns(module: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights that read each logical channel's primary and twin, in the layout of the
+    unwidened module's weight (a twin's are zero where the channel has none)."""
     weight = module.weight.detach()
-    primary = torch.tensor(layout.primary, dtype=torch.long)
+    primary, twin = _column_index(module, layout, layout.primary), _column_index(module, layout, layout.twin)
+    return _gather(module, weight, primary), _gather(module, weight, twin)
+
+
+def write_columns(module: nn.Module, layout: Layout, primary_w: torch.Tensor, twin_w: torch.Tensor) -> nn.Module:
+    """Copy of a conv / transposed conv / linear reading ``layout``, whose columns for each
+    logical channel's primary and twin are ``primary_w`` and ``twin_w``."""
+    weight = module.weight.detach()
     wide = copy.deepcopy(module)
     if isinstance(module, nn.Linear):
         new = weight.new_zeros(weight.shape[0], layout.width)
-        new[:, primary] = weight
         wide.in_features = layout.width
-    elif isinstance(module, CONV_TRANSPOSE_MODULES):  # weight: (in, out/groups, *k)
+    elif isinstance(module, CONV_TRANSPOSE_MODULES):
         new = weight.new_zeros(layout.width, *weight.shape[1:])
-        new[primary] = weight
         wide.in_channels = layout.width
-    else:  # conv, weight: (out, in/groups, *k); fits_groups() guaranteed the grouping
-        groups, out = module.groups, weight.shape[0]
-        per_log, per_phys, per_out = layout.channels // groups, layout.width // groups, out // groups
-        group_of = torch.arange(groups).repeat_interleave(per_log)
-        local = (primary - group_of * per_phys).view(groups, per_log)  # column inside its group
-        rows = torch.arange(out)
-        new = weight.new_zeros(out, per_phys, *weight.shape[2:])
-        new[rows[:, None], local[rows // per_out]] = weight
+    else:
+        new = weight.new_zeros(weight.shape[0], layout.width // module.groups, *weight.shape[2:])
         wide.in_channels = layout.width
+    for index, values in ((layout.primary, primary_w), (layout.twin, twin_w)):
+        columns = _column_index(wide, layout, index)
+        keep = columns[1] >= 0 if isinstance(columns, tuple) else columns >= 0
+        _scatter(wide, new, columns, values, keep)
     wide.weight = nn.Parameter(new, requires_grad=module.weight.requires_grad)
     return wide
+
+
+def _column_index(module: nn.Module, layout: Layout, physical: tuple[int, ...]):
+    """Where logical channel c's value at physical position ``physical[c]`` sits in the
+    weight: a column index (linear, transposed conv) or (rows, local column) for a conv,
+    whose groups each see only their own physical range."""
+    index = torch.tensor(physical, dtype=torch.long)
+    if isinstance(module, nn.Linear) or isinstance(module, CONV_TRANSPOSE_MODULES):
+        return index
+    groups, out = module.groups, module.weight.shape[0]
+    per_log, per_phys, per_out = layout.channels // groups, layout.width // groups, out // groups
+    group_of = torch.arange(groups).repeat_interleave(per_log)
+    local = torch.where(index >= 0, index - group_of * per_phys, -1).view(groups, per_log)
+    rows = torch.arange(out)
+    return rows[:, None], local[rows // per_out]
+
+
+def _gather(module: nn.Module, weight: torch.Tensor, columns) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return torch.where(columns >= 0, weight[:, columns.clamp(min=0)], 0.0)
+    if isinstance(module, CONV_TRANSPOSE_MODULES):
+        mask = (columns >= 0).view(-1, *([1] * (weight.dim() - 1)))
+        return torch.where(mask, weight[columns.clamp(min=0)], 0.0)
+    rows, local = columns
+    mask = (local >= 0).view(*local.shape, *([1] * (weight.dim() - 2)))
+    return torch.where(mask, weight[rows, local.clamp(min=0)], 0.0)
+
+
+def _scatter(module: nn.Module, new: torch.Tensor, columns, values: torch.Tensor, keep: torch.Tensor) -> None:
+    if isinstance(module, nn.Linear):
+        new[:, columns[keep]] = values[:, keep]
+    elif isinstance(module, CONV_TRANSPOSE_MODULES):
+        new[columns[keep]] = values[keep]
+    else:
+        rows, local = columns
+        rows = rows.expand_as(local)
+        new[rows[keep], local[keep]] = values[keep]
+
+
+def widen_input(module: nn.Module, layout: Layout) -> nn.Module:
+    """Copy of a conv / transposed conv / linear reading ``layout``: each primary's weights
+    are the original ones, every twin's weights are zero."""
+    original = module.weight.detach()
+    return write_columns(module, layout, original, torch.zeros_like(original))
 
 
 def widen_channel_params(module: nn.Module, layout: Layout) -> nn.Module:
@@ -73,11 +120,13 @@ def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
         module = gm.get_submodule(node.target)
         before = layout.channels
         own_module(gm, node, widen_input(module, layout), "widened")
+        node.meta["lnc_in_layout"] = layout  # compaction and param_groups read the twins' columns
         ctx.report.consumers.append({"node": name, "type": type(module).__name__, "in_before": before,
                                      "in_after": layout.width, "groups": getattr(module, "groups", 1)})
     for name, layout in plan.channel_params.items():
         node = nodes[name]
         own_module(gm, node, widen_channel_params(gm.get_submodule(node.target), layout), "widened")
+        node.meta["lnc_in_layout"] = layout
     for name, (operand, layout) in plan.expands.items():
         node, other = nodes[name], nodes[operand]
         expand = ChannelExpand(layout.logical_of_physical(), dim=layout.dim - len(node.meta["tensor_meta"].shape)

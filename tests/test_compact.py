@@ -1,0 +1,137 @@
+"""Compaction: exact stage (zero-weight and dead twins), budgeted stage, and rebuild fidelity."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lnconvert
+from lnconvert.compact import compact
+from lnconvert.nn import GatedMerge, LinkedActivation
+from lnconvert.passes.widen import read_columns, write_columns
+from lnconvert.verify import parity
+
+from .conftest import prepared
+from .test_passes import Residual
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_fresh_conversion_compacts_back_to_the_original_cost(name):
+    model, x = prepared(lnconvert.load_model(name))
+    result = lnconvert.convert(model, example_inputs=x)
+    compacted = compact(result)
+    assert compacted.report.macs_after == result.report.macs_before  # back to the original MACs
+    assert compacted.report.max_rel_deviation == 0.0  # float64: the same function
+    assert not any(isinstance(m, LinkedActivation) for m in compacted.model.modules())
+    with torch.no_grad():
+        y_conv, y_comp = result.model(x), compacted.model(x)
+    if name == "resnet18":
+        assert torch.equal(y_conv, y_comp)  # same kernels: bit for bit
+    else:  # depthwise convs go from 2 inputs per group back to 1: float32 rounding differs
+        assert parity(y_conv, y_comp)[1] < 1e-5
+
+
+def _fine_tune_twins(model: nn.Module, fraction: float, seed: int = 0) -> None:
+    """Stand-in for fine-tuning: give a random subset of twin columns non-zero weights."""
+    gen = torch.Generator().manual_seed(seed)
+    for node in model.graph.nodes:
+        layout = node.meta.get("lnc_in_layout")
+        if node.op != "call_module" or layout is None:
+            continue
+        module = model.get_submodule(node.target)
+        if isinstance(module, GatedMerge):
+            module.gate.data = torch.randn(module.gate.shape, generator=gen) * (torch.rand(
+                module.gate.shape, generator=gen) < fraction)
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            primary, twin = read_columns(module, layout)
+            chosen = torch.rand(layout.channels, generator=gen) < fraction
+            shape = [1, -1] + [1] * (twin.dim() - 2)
+            twin = torch.randn(twin.shape, generator=gen) * 0.1 * chosen.view(shape).to(twin.dtype)
+            module.weight.data = write_columns(module, layout, primary, twin).weight.data
+
+
+@pytest.mark.parametrize("residual", ["slice", "gate"])
+def test_fine_tuned_twins_are_kept_and_moved_exactly(residual):
+    net = Residual().eval()
+    net.relu = nn.PReLU(4)  # parametric: the twin's own slopes must follow the kept channels
+    x = torch.randn(2, 4, 8, 8)
+    result = lnconvert.convert(net, example_inputs=x, residual=residual)
+    _fine_tune_twins(result.model, fraction=0.5)
+    compacted = compact(result)
+    report = compacted.report
+    assert report.removed["zero-weight"] > 0
+    assert report.macs_before > report.macs_after > report.macs_original
+    assert report.max_rel_deviation <= 1e-12  # float64: only zero contributions removed
+    with torch.no_grad():
+        torch.testing.assert_close(compacted.model(x), result.model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dead_twins_are_removed_with_data():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():  # channels 0, 1 are always positive: their twins relu(-x) never fire
+        net[0].weight.zero_()
+        net[0].bias.copy_(torch.tensor([1.0, 2.0, 0.0, 0.0]))
+        net[0].weight[2:, 0] = 1.0
+    x = torch.rand(8, 3, 4, 4) - 0.5
+    result = lnconvert.convert(net, example_inputs=x)
+    _fine_tune_twins(result.model, fraction=1.0)
+    compacted = compact(result, data=[x])
+    assert compacted.report.removed == {"dead": 2}
+    assert list(compacted.twins.values()) == [[2, 3]]
+    with torch.no_grad():
+        torch.testing.assert_close(compacted.model(x), result.model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_budget_removes_least_salient_twins_until_met():
+    model, x = prepared(lnconvert.load_model("resnet18"))
+    result = lnconvert.convert(model, example_inputs=x)
+    _fine_tune_twins(result.model, fraction=1.0)
+    compacted = compact(result, data=[x], target_macs="1.2x")
+    report = compacted.report
+    assert report.macs_after <= 1.2 * report.macs_original
+    assert report.removed.get("budget", 0) > 0 and report.max_rel_deviation > 0  # reported, not hidden
+    loose = compact(result, data=[x], target_macs="1.5x")
+    assert loose.report.macs_after > report.macs_after and loose.report.max_rel_deviation <= report.max_rel_deviation
+
+
+def test_compacted_model_trains_and_round_trips(tmp_path):
+    model, x = prepared(lnconvert.load_model("resnet18"))
+    result = lnconvert.convert(model, example_inputs=x)
+    _fine_tune_twins(result.model, fraction=0.3)
+    compacted = compact(result)
+    path = tmp_path / "c.safetensors"
+    options = compacted.conversion.options.to_dict() | {"twins": compacted.twins}
+    lnconvert.save(compacted.model, path, lnconvert.io.spec_for("resnet18", None, options, [list(x.shape)], {}))
+    reloaded = lnconvert.load(path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), compacted.model.eval()(x))
+    compacted.model.train()
+    loss = F.cross_entropy(compacted.model(x[:1]), torch.tensor([3]))
+    loss.backward()
+    assert all(p.grad is not None for p in compacted.model.parameters() if p.requires_grad)
+
+
+def test_bad_budget_is_a_usage_error():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    result = lnconvert.convert(net, example_inputs=torch.randn(1, 3, 4, 4))
+    with pytest.raises(lnconvert.LnConvertError, match="target-macs"):
+        compact(result, target_macs="lots")
+
+
+def test_cli_compact(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lnconvert.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    assert run("squeezenet1_0", "--input-size", "3,64,64", "-o", "s.safetensors").returncode == 0
+    proc = run("compact", "s.safetensors", "--target-macs", "lots")
+    assert proc.returncode == 2 and "target-macs" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("compact", "s.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "(1.00x)" in proc.stdout and (tmp_path / "s-compact.safetensors").is_file()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        full, small = lnconvert.load(tmp_path / "s.safetensors"), lnconvert.load(tmp_path / "s-compact.safetensors")
+        torch.testing.assert_close(small(x), full(x), rtol=1e-5, atol=1e-5)
