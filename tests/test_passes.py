@@ -396,3 +396,28 @@ def test_unsupported_index_is_an_exact_boundary():
     result = assert_exact(Strided().eval(), torch.randn(2, 3, 4, 4))
     reasons = {b["reason"] for b in result.report.boundaries}
     assert "strided channel slice or slicing several axes" in reasons
+
+
+class MixedConv(nn.Module):
+    def __init__(self, reuse: bool):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 3, 3, padding=1)
+        self.bn, self.head = nn.BatchNorm2d(5), nn.Conv2d(5, 2, 1)
+        self.reuse = reuse
+
+    def forward(self, x):
+        a = self.a(x)
+        y = self.head(F.relu(self.bn(torch.cat([a, self.b(x)], 1))))
+        return y + a.mean() if self.reuse else y
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_bn_after_concatenated_convs_folds_into_each(reuse):
+    net = MixedConv(reuse).eval()
+    randomize_batchnorm(net, torch.randn(8, 3, 6, 6))
+    result = assert_exact(net, torch.randn(2, 3, 6, 6))
+    bn = result.report.batchnorm[0]
+    if reuse:  # conv a's output is read elsewhere: folding would change that reader
+        assert bn["action"] == "affine"
+    else:
+        assert bn["action"] == "folded" and bn["detail"] == "into a, b"

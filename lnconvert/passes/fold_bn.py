@@ -45,23 +45,48 @@ def fold_into(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn
     return folded
 
 
-def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> nn.Module | None:
-    producer = bn_node.args[0]
+def _foldable_module(gm: fx.GraphModule, producer: fx.Node, channels: int) -> nn.Module | None:
+    """The conv/linear computing ``producer`` when its output (``channels`` wide) feeds one user."""
     if not isinstance(producer, fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
         return None
     module = gm.get_submodule(producer.target)
     if type(module) in CONV_MODULES + CONV_TRANSPOSE_MODULES:
-        return module if module.out_channels == bn.num_features else None
+        return module if module.out_channels == channels else None
     if type(module) is nn.Linear:
         out = shape_of(producer)
-        return module if out is not None and len(out) == 2 and module.out_features == bn.num_features else None
+        return module if out is not None and len(out) == 2 and module.out_features == channels else None
     return None
+
+
+def _foldable_producers(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> list[tuple[fx.Node, nn.Module, int]]:
+    """(producer node, module, first BN channel it computes) for every conv the BN can fold
+    into: its direct producer, or each input of a channel ``cat`` of single-use convs
+    (MixNet's mixed convolutions). Empty when the BN cannot be folded."""
+    producer = bn_node.args[0]
+    module = _foldable_module(gm, producer, bn.num_features)
+    if module is not None:
+        return [(producer, module, 0)]
+    if not (isinstance(producer, fx.Node) and producer.target in (torch.cat, torch.concat) and len(producer.users) == 1):
+        return []
+    parts, dim = producer.args[0], producer.args[1] if len(producer.args) > 1 else producer.kwargs.get("dim", 0)
+    shapes = [shape_of(p) for p in parts]
+    if any(s is None for s in shapes) or dim not in (1, 1 - len(shapes[0])) or len(set(parts)) != len(parts):
+        return []
+    found, start = [], 0
+    for part, shape in zip(parts, shapes):
+        module = _foldable_module(gm, part, shape[1])
+        if module is None:
+            return []
+        found.append((part, module, start))
+        start += shape[1]
+    return found if start == bn.num_features else []
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Remove every eval-mode BatchNorm module (exact types only):
 
-    1. fold into the conv/linear producing its input when that output feeds only the BN;
+    1. fold into the conv/linear producing its input when that output feeds only the BN, or
+       into each conv of a channel concatenation of such convs;
     2. otherwise replace it by an equivalent :class:`ChannelAffine` (no batch statistics);
     3. keep a BN without running statistics (it uses batch statistics even in eval) and
        report it, as well as functional ``batch_norm`` calls.
@@ -80,10 +105,13 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             ctx.report.bn(node.target, "kept", "no running statistics (track_running_stats=False)")
             continue
         scale, shift = bn_scale_shift(bn)
-        producer = _foldable_producer(gm, node, bn)
-        if producer is not None:
-            own_module(gm, node.args[0], fold_into(producer, scale, shift), "folded")
-            ctx.report.bn(node.target, "folded", f"into {node.args[0].target}")
+        producers = _foldable_producers(gm, node, bn)
+        if producers:
+            for producer, module, start in producers:
+                width = module.out_channels if hasattr(module, "out_channels") else module.out_features
+                own_module(gm, producer, fold_into(module, scale[start:start + width], shift[start:start + width]),
+                           "folded")
+            ctx.report.bn(node.target, "folded", "into " + ", ".join(p.target for p, _, _ in producers))
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
         else:
