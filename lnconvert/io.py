@@ -56,8 +56,10 @@ def save(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = F
     """Write ``model``'s weights and ``spec`` (from :func:`spec_for`) to ``path`` atomically."""
     from safetensors.torch import save_file
 
+    from .finetune import plain_state_dict  # twin-split weights (fine-tuning) are saved merged
+
     path = check_output_path(path, force)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous() for k, v in plain_state_dict(model).items()}
     metadata = {SPEC_KEY: json.dumps(spec, default=str)}
     try:
         with atomic_path(path) as tmp:

@@ -14,6 +14,15 @@ from ..plan import LinkPlan
 from ..rules import CONV_TRANSPOSE_MODULES
 
 
+def mark_twins(module: nn.Module, layout: Layout) -> nn.Module:
+    """Record on ``module`` which physical input channels hold twins (non-persistent buffer
+    ``lnc_twin_channels``), so fine-tuning can give twin weights their own parameter group
+    (:func:`lnconvert.finetune.param_groups`) without re-deriving the layout."""
+    twins = [t for t in layout.twin if t >= 0]
+    module.register_buffer("lnc_twin_channels", torch.tensor(twins, dtype=torch.long), persistent=False)
+    return module
+
+
 def widen_input(module: nn.Module, layout: Layout) -> nn.Module:
     """Copy of a conv / transposed conv / linear reading ``layout``: each primary's weights
     are the original ones, every twin's weights are zero."""
@@ -38,7 +47,7 @@ def widen_input(module: nn.Module, layout: Layout) -> nn.Module:
         new[rows[:, None], local[rows // per_out]] = weight
         wide.in_channels = layout.width
     wide.weight = nn.Parameter(new, requires_grad=module.weight.requires_grad)
-    return wide
+    return mark_twins(wide, layout)
 
 
 def widen_channel_params(module: nn.Module, layout: Layout) -> nn.Module:
@@ -58,7 +67,7 @@ def widen_channel_params(module: nn.Module, layout: Layout) -> nn.Module:
             setattr(wide, name, widened)
     if hasattr(wide, "num_features"):
         wide.num_features = layout.width
-    return wide
+    return mark_twins(wide, layout)
 
 
 def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
