@@ -175,3 +175,53 @@ def test_dead_units_before_and_after_conversion():
                                                                           ("linked relu", 3, 1, 0)]
     # a threshold turns "never above 1e3" into dead: every unit
     assert [r.dead for r in dead_units(net, loader, threshold=1e3, max_batches=1)] == [4, 3]
+
+
+def _converted_split(net=None):
+    net = (net or KnownDead()).eval()
+    x = torch.rand(4, 1, 8, 8)
+    gm = lnconvert.convert(net, example_inputs=x).model
+    return gm, torch.optim.Adam(lnconvert.param_groups(gm, base_lr=1e-3, twin_lr=1e-3)), x
+
+
+def _step(model, opt, x, autocast=False):
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.float(), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    opt.step()
+    return out, loss
+
+
+def test_bf16_autocast_train_step_reaches_the_twins():
+    gm, opt, x = _converted_split()
+    out, loss = _step(gm, opt, x, autocast=True)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert all(p.grad is not None for p in twin_parameters(gm))
+    assert any(p.grad.abs().sum() > 0 for p in twin_parameters(gm))
+
+
+def test_ddp_wraps_a_converted_model(tmp_path):
+    import torch.distributed as dist
+
+    gm, opt, x = _converted_split()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(gm)  # no BN: nothing to synchronise but gradients
+        before = [p.detach().clone() for p in twin_parameters(gm)]
+        _step(ddp, opt, x)
+        _step(ddp, opt, x)
+        assert any(not torch.equal(a, b) for a, b in zip(before, twin_parameters(gm)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_a_split_model():  # ~1 min of inductor compilation on 2 CPU cores
+    gm, opt, x = _converted_split()
+    compiled = torch.compile(gm)
+    for _ in range(2):
+        _step(compiled, opt, x)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), gm(x), rtol=1e-5, atol=1e-5)
