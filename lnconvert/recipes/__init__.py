@@ -15,6 +15,7 @@ from rich.console import Console
 from torch import fx
 
 from ..errors import OutputError
+from ..io import atomic_path
 from .config import RecipeError, load_recipe
 
 __all__ = ["RecipeError", "load_recipe", "load_result", "run_recipe"]
@@ -45,7 +46,8 @@ def run_recipe(source: str | Path | dict, *, out: str | Path | None = None, over
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create run directory {out}: {exc.strerror or exc}") from None
-    (out / "recipe.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # the resolved recipe
+    with atomic_path(out / "recipe.yaml") as tmp:  # the resolved recipe, for reproducing the run
+        Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False))
     if config["threads"]:
         torch.set_num_threads(int(config["threads"]))
     pipeline = convert_finetune if config["recipe"] == "convert-finetune" else depth

@@ -144,11 +144,12 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
     timing = None
     if cfg["timing"] is not None:
         t = cfg["timing"]
-        x = torch.stack([data.train[i][0] for i in range(t["batch_size"])])
-        y = torch.tensor([int(data.train[i][1]) for i in range(t["batch_size"])])
+        n = min(t["batch_size"], len(data.train))
+        x = torch.stack([data.train[i][0] for i in range(n)])
+        y = torch.tensor([int(data.train[i][1]) for i in range(n)])
         free = convert(model, example_inputs=example, link=False, verify=True, name="bn-free").model
         seconds = time_train_steps({"bn": model, "bn_free": free, "linked": converted}, x, y, t["steps"], t["repeats"])
-        timing = {"batch_size": t["batch_size"], "seconds_per_step": seconds,
+        timing = {"batch_size": n, "seconds_per_step": seconds,
                   "bn_over_bn_free": seconds["bn"] / seconds["bn_free"],
                   "linked_over_bn": seconds["linked"] / seconds["bn"]}
 
