@@ -21,6 +21,14 @@ from .config import RecipeError, load_recipe
 __all__ = ["RecipeError", "load_recipe", "load_result", "run_recipe"]
 
 
+def _require(*modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RecipeError(f"recipes need {', '.join(missing)}: pip install 'lnconvert[recipes]'")
+
+
 def run_recipe(source: str | Path | dict, *, out: str | Path | None = None, overrides: Iterable[str] = (),
                resume: bool = True, weights: str | None = None, data: str | None = None,
                console: Console | None = None) -> dict[str, Any]:
@@ -30,6 +38,7 @@ def run_recipe(source: str | Path | dict, *, out: str | Path | None = None, over
     data location (``data.path`` for ImageFolder, ``data.data_root`` for CIFAR-10). With
     ``resume`` existing checkpoints of the same configuration are continued.
     """
+    _require("yaml", "matplotlib", "sklearn")
     import yaml
 
     from .pipelines import convert_finetune, depth
