@@ -4,11 +4,12 @@ __version__ = "0.1.0"
 from .compact import CompactResult, compact  # noqa: E402
 from .convert import ConversionResult, convert, remaining_batchnorm  # noqa: E402
 from .errors import LnConvertError  # noqa: E402
+from .finetune import merge_twins, param_groups, split_twins  # noqa: E402
 from .io import load, save  # noqa: E402
 from .models import load_model  # noqa: E402
 from .report import ConversionReport  # noqa: E402
 from .rules import register_rule  # noqa: E402
 
 __all__ = ["CompactResult", "ConversionReport", "ConversionResult", "LnConvertError", "__version__", "compact",
-           "convert", "load",
-           "load_model", "register_rule", "remaining_batchnorm", "save"]
+           "convert", "load", "load_model", "merge_twins", "param_groups", "register_rule", "remaining_batchnorm",
+           "save", "split_twins"]

@@ -5,13 +5,16 @@ import contextlib
 import io
 import math
 from collections import Counter
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .rules import ABSORB_MODULES, CONV_TRANSPOSE_MODULES
+from .layout import Layout
+from .nn import LinkedActivation
+from .rules import ABSORB_MODULES, ACTIVATION_MODULES, CONV_TRANSPOSE_MODULES
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -118,3 +121,96 @@ def check_channels(gm: fx.GraphModule, pass_name: str) -> None:
         if got != expected:
             raise AssertionError(f"after pass {pass_name}: node {node.name} ({node.target}) gets {got} "
                                  f"channels but its module expects {expected}")
+
+
+@dataclass
+class DeadUnits:
+    """Dead units of one activation call site. A unit is a channel (a feature for dense
+    layers); it is dead when its output is zero (``|a| <= threshold``) at every position of
+    every sample seen. A linked unit is dead only when its primary *and* its twin are."""
+
+    layer: str          # module name; ``name#k`` for the k-th call of a shared module
+    kind: str           # activation type, ``linked <type>`` for linked activations
+    units: int
+    dead: int
+    primary_dead: int   # units whose primary half alone is dead (= ``dead`` when not linked)
+
+    @property
+    def fraction(self) -> float:
+        return self.dead / self.units if self.units else 0.0
+
+    @property
+    def primary_fraction(self) -> float:
+        return self.primary_dead / self.units if self.units else 0.0
+
+
+def _alive(out: torch.Tensor, dim: int, threshold: float) -> torch.Tensor:
+    """Per channel along ``dim``: is any entry above ``threshold`` in magnitude?"""
+    return (out.detach().abs() > threshold).movedim(dim, 0).flatten(1).any(dim=1)
+
+
+def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.0, max_batches: int | None = None,
+               channel_dim: int = 1) -> list[DeadUnits]:
+    """Per activation layer, the units whose output is zero for every sample of ``loader``.
+
+    Hooks every activation module (the types lnconvert links, and :class:`LinkedActivation`
+    as one layer) and runs ``model`` in eval mode without gradients; its mode is restored.
+    ``loader`` yields input tensors or ``(inputs, ...)`` tuples. Ordinary activations use
+    ``channel_dim`` as the unit axis, linked ones their own layout. Functional activations
+    (``F.relu`` inside ``forward``) are not modules and are not seen; converted models have
+    none (the converter turns them into modules). Works before and after conversion: a
+    converted model's ``primary_dead`` equals the original's ``dead``.
+    """
+    alive: dict[str, torch.Tensor] = {}
+    info: dict[str, tuple[str, nn.Module]] = {}
+    calls: Counter = Counter()
+    linked_names = [n for n, m in model.named_modules() if isinstance(m, LinkedActivation)]
+
+    def inside_linked(name: str) -> bool:  # the inner act of a LinkedActivation is part of it
+        return any(name.startswith(f"{ln}.") for ln in linked_names)
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            calls[name] += 1
+            key = name if calls[name] == 1 else f"{name}#{calls[name]}"
+            dim = module.dim if isinstance(module, LinkedActivation) else channel_dim
+            now = _alive(out, normalize_dim(dim, out.dim()), threshold)
+            alive[key] = alive[key] | now if key in alive else now
+            info[key] = (name, module)
+        return record
+
+    handles = [model.register_forward_pre_hook(lambda *_: calls.clear())]
+    for name, module in model.named_modules():
+        if isinstance(module, LinkedActivation) or (type(module) in ACTIVATION_MODULES and not inside_linked(name)):
+            handles.append(module.register_forward_hook(hook(name)))
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+
+    rows = []
+    for key, live in alive.items():
+        _, module = info[key]
+        if isinstance(module, LinkedActivation):
+            if module.subset:  # compacted: primaries, then twins of the kept channels only
+                channels = live.numel() - module.twin_index.numel()
+                layout = Layout.linked(channels, 1, module.dim, "", module.twin_index.tolist())
+            else:
+                layout = Layout.linked(live.numel() // 2, module.groups, module.dim, "")
+            has_twin = torch.tensor([t >= 0 for t in layout.twin])
+            primary = live[list(layout.primary)]
+            twin = torch.where(has_twin, live[[max(t, 0) for t in layout.twin]], False)
+            kind = f"linked {ACTIVATION_MODULES.get(type(module.act), type(module.act).__name__)}"
+            rows.append(DeadUnits(key, kind, layout.channels, int((~(primary | twin)).sum()), int((~primary).sum())))
+        else:
+            dead = int((~live).sum())
+            rows.append(DeadUnits(key, ACTIVATION_MODULES[type(module)], live.numel(), dead, dead))
+    return rows

@@ -226,6 +226,35 @@ def list_cmd(pattern: str = typer.Argument("*", help="Glob pattern, e.g. 'resnet
         raise typer.Exit(3)
 
 
+recipe_app = typer.Typer(no_args_is_help=True, help="Runnable recipes (recipes/*.yaml): train, convert, "
+                                                     "fine-tune BN-free, plot.")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("run")
+def recipe_run(
+    path: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/digits-resnet.yaml"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/NAME)."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE override, repeatable "
+                                                                      "(e.g. pretrain.epochs=2)."),
+    weights: Optional[str] = typer.Option(None, help="Source model checkpoint PATH (model.weights)."),
+    data: Optional[str] = typer.Option(None, help="ImageFolder directory, or CIFAR-10 root (data.path / "
+                                                  "data.data_root)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore existing checkpoints in the run directory."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Run a recipe: metrics JSON, PNG plots, checkpoints (resumed) and the final model in OUT."""
+    try:
+        from .recipes import run_recipe
+
+        run_recipe(path, out=out_dir, overrides=overrides or (), resume=not fresh, weights=weights, data=data,
+                   console=out)
+    except (typer.Exit, click.exceptions.Exit):
+        raise
+    except BaseException as exc:
+        _fail(exc, debug)
+
+
 def main() -> None:
     app()
 

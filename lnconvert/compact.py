@@ -27,7 +27,7 @@ from .convert import ConversionResult, convert
 from .errors import UsageError
 from .layout import Layout
 from .nn import GatedMerge, LinkedActivation
-from .passes.widen import read_columns, write_columns
+from .passes.widen import foreign_twins, read_columns, write_columns
 from .rules import ABSORB_MODULES, CONV_TRANSPOSE_MODULES
 from .verify import compare
 
@@ -79,6 +79,9 @@ def twin_weight_norms(gm: fx.GraphModule) -> dict[Twin, float]:
         for c, value in enumerate(per_channel.tolist()):
             for origin in layout.origin(c):
                 sq[origin] += value
+        for c in foreign_twins(module, layout):
+            for origin in layout.origin(c):
+                sq[origin] = math.inf
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GatedMerge):
             gate, layout = gm.get_submodule(node.target).gate.detach(), node.meta["lnc_in_layout"]

@@ -75,7 +75,9 @@ def save(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = F
             if format == "safetensors":
                 from safetensors.torch import save_file
 
-                save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp,
+                from .finetune import plain_state_dict  # twin-split weights (fine-tuning) are saved merged
+
+                save_file({k: v.detach().contiguous() for k, v in plain_state_dict(model).items()}, tmp,
                           metadata={SPEC_KEY: text})
             else:
                 _save_deployment(model.eval(), tmp, spec, text, format)

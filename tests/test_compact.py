@@ -135,3 +135,17 @@ def test_cli_compact(tmp_path):
         x = torch.randn(1, 3, 64, 64)
         full, small = lnconvert.load(tmp_path / "s.safetensors"), lnconvert.load(tmp_path / "s-compact.safetensors")
         torch.testing.assert_close(small(x), full(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dead_units_counts_a_compacted_activation():
+    from lnconvert.analysis import dead_units
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(8, 3, 4, 4)
+    result = lnconvert.convert(net, example_inputs=x)
+    with torch.no_grad():
+        result.model.get_submodule("2").weight[:, 4] = 0.5  # block layout: channel 0's twin
+    compacted = compact(result)
+    assert list(compacted.twins.values()) == [[0]]
+    row = dead_units(compacted.model, [x])[0]
+    assert row.units == 4 and row.dead <= row.primary_dead

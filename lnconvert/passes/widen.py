@@ -14,6 +14,15 @@ from ..plan import LinkPlan
 from ..rules import CONV_TRANSPOSE_MODULES
 
 
+def mark_twins(module: nn.Module, layout: Layout) -> nn.Module:
+    """Record on ``module`` which physical input channels hold twins (non-persistent buffer
+    ``lnc_twin_channels``), so fine-tuning can give twin weights their own parameter group
+    (:func:`lnconvert.finetune.param_groups`) without re-deriving the layout."""
+    twins = [t for t in layout.twin if t >= 0]
+    module.register_buffer("lnc_twin_channels", torch.tensor(twins, dtype=torch.long), persistent=False)
+    return module
+
+
 def read_columns(module: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights that read each logical channel's primary and twin, in the layout of the
     unwidened module's weight (a twin's are zero where the channel has none)."""
@@ -54,9 +63,21 @@ def _column_index(module: nn.Module, layout: Layout, physical: tuple[int, ...]):
     groups, out = module.groups, module.weight.shape[0]
     per_log, per_phys, per_out = layout.channels // groups, layout.width // groups, out // groups
     group_of = torch.arange(groups).repeat_interleave(per_log)
-    local = torch.where(index >= 0, index - group_of * per_phys, -1).view(groups, per_log)
+    local = index - group_of * per_phys
+    # a twin outside its channel's group range (mixed layouts) has no column in that group
+    local = torch.where((index >= 0) & (local >= 0) & (local < per_phys), local, -1).view(groups, per_log)
     rows = torch.arange(out)
     return rows[:, None], local[rows // per_out]
+
+
+def foreign_twins(module: nn.Module, layout: Layout) -> list[int]:
+    """Logical channels whose twin sits in another group's physical range of a grouped conv:
+    other groups' weights read it, so it is never removed by compaction."""
+    groups = getattr(module, "groups", 1)
+    if groups == 1 or isinstance(module, (nn.Linear, *CONV_TRANSPOSE_MODULES)):
+        return []
+    per_log, per_phys = layout.channels // groups, layout.width // groups
+    return [c for c, t in enumerate(layout.twin) if t >= 0 and t // per_phys != c // per_log]
 
 
 def _gather(module: nn.Module, weight: torch.Tensor, columns) -> torch.Tensor:
@@ -85,7 +106,7 @@ def widen_input(module: nn.Module, layout: Layout) -> nn.Module:
     """Copy of a conv / transposed conv / linear reading ``layout``: each primary's weights
     are the original ones, every twin's weights are zero."""
     original = module.weight.detach()
-    return write_columns(module, layout, original, torch.zeros_like(original))
+    return mark_twins(write_columns(module, layout, original, torch.zeros_like(original)), layout)
 
 
 def widen_channel_params(module: nn.Module, layout: Layout) -> nn.Module:
@@ -105,7 +126,7 @@ def widen_channel_params(module: nn.Module, layout: Layout) -> nn.Module:
             setattr(wide, name, widened)
     if hasattr(wide, "num_features"):
         wide.num_features = layout.width
-    return wide
+    return mark_twins(wide, layout)
 
 
 def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
