@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from .compact import CompactResult, compact  # noqa: E402
 from .convert import ConversionResult, convert, remaining_batchnorm  # noqa: E402
 from .errors import LnConvertError  # noqa: E402
+from .export import export_onnx, verify_onnx  # noqa: E402
 from .finetune import merge_twins, param_groups, split_twins  # noqa: E402
 from .io import load, save  # noqa: E402
 from .models import load_model  # noqa: E402
@@ -11,5 +12,5 @@ from .report import ConversionReport  # noqa: E402
 from .rules import register_rule  # noqa: E402
 
 __all__ = ["CompactResult", "ConversionReport", "ConversionResult", "LnConvertError", "__version__", "compact",
-           "convert", "load", "load_model", "merge_twins", "param_groups", "register_rule", "remaining_batchnorm",
-           "save", "split_twins"]
+           "convert", "export_onnx", "load", "load_model", "merge_twins", "param_groups", "register_rule", "remaining_batchnorm",
+           "save", "split_twins", "verify_onnx"]

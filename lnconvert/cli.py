@@ -96,6 +96,8 @@ def convert_cmd(
     save_format: str = typer.Option("safetensors", "--format", help="safetensors (weights + spec, no pickle; "
                                     "reload with lnconvert.load), pt2 (torch.export) or torchscript (traced)."),
     report_json: Optional[Path] = typer.Option(None, help="Write the full report as JSON here."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also export to ONNX here and check it in ONNX Runtime "
+                                                             "against the original (batch 1 and 4)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the original."),
     tolerance: float = typer.Option(1e-5, help="Max relative error: max|delta| / max(1, max|y|)."),
@@ -123,8 +125,9 @@ def convert_cmd(
                 raise UsageError(f"unknown --format {save_format!r}; choose one of: {', '.join(FORMATS)}")
             default_name = model.replace("/", "_").replace(":", "_") + "-linked" + FORMATS[save_format]
             target = check_output_path(output or Path(default_name), force)
-        if report_json is not None:
-            check_output_path(report_json, force)
+        for extra in (report_json, onnx):
+            if extra is not None:
+                check_output_path(extra, force)
         with err.status(f"loading {model}"):
             net = load_model(model, weights, trust_pickle=trust_pickle)
         if weights is None:
@@ -145,6 +148,14 @@ def convert_cmd(
                             result.report.to_dict())
             save(result.model, target, spec, force=force, format=save_format)
             out.print(f"saved {target}")
+        if onnx is not None:
+            from .export import export_onnx, require_parity, verify_onnx
+
+            with err.status(f"exporting {onnx}"):
+                export_onnx(result, onnx, force=force)
+                rows = verify_onnx(onnx, net, sample_shape=inputs[0].shape[1:], tolerance=tolerance)
+            print_parity(rows, f"ONNX Runtime vs original: {onnx}")
+            require_parity(rows, onnx)
         if report_json is not None:
             from .io import atomic_path
 
@@ -154,6 +165,46 @@ def convert_cmd(
     except (typer.Exit, click.exceptions.Exit):
         raise
     except BaseException as exc:  # every failure becomes one line and an exit code
+        _fail(exc, debug)
+
+
+def print_parity(rows, title: str, console: Console = out) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("output", "inputs", "max abs", "max rel", "float32 floor", "ok"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r.output, r.inputs, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}",
+                      f"{r.native_noise:.2e}" if r.native_noise is not None else "-",
+                      "[green]yes[/green]" if r.ok else "[red]NO[/red]")
+    console.print(table)
+
+
+@app.command("verify-onnx", no_args_is_help=True)
+def verify_onnx_cmd(
+    onnx_file: Path = typer.Argument(..., help="The .onnx file to check."),
+    reference: str = typer.Option(..., help="The model it must match: a torchvision/timm name (with --weights) "
+                                            "or a saved lnconvert model."),
+    weights: Optional[str] = typer.Option(None, help="Checkpoint for --reference (as in convert)."),
+    input_size: Optional[str] = typer.Option(None, help="C,H,W when the ONNX input has dynamic spatial dims."),
+    batch: List[int] = typer.Option([1, 4], help="Batch sizes to check (repeatable)."),
+    tolerance: float = typer.Option(1e-5, help="Max relative error (or 4x the reference's own float32 floor)."),
+    trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Check an existing ONNX file against a PyTorch reference in ONNX Runtime; exit 5 on mismatch."""
+    from .export import require_parity, verify_onnx
+    from .models import load_model
+
+    try:
+        size = _parse_size(input_size)
+        with err.status(f"loading {reference}"):
+            ref = load_model(reference, weights, trust_pickle=trust_pickle)
+        rows = verify_onnx(onnx_file, ref, sample_shape=size, batch_sizes=batch, tolerance=tolerance)
+        print_parity(rows, f"ONNX Runtime vs {reference}: {onnx_file}", out)
+        require_parity(rows, onnx_file)
+    except (typer.Exit, click.exceptions.Exit):
+        raise
+    except BaseException as exc:
         _fail(exc, debug)
 
 

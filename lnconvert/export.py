@@ -1,0 +1,162 @@
+"""ONNX export and ONNX Runtime parity checks.
+
+Export uses torch's dynamo exporter (falling back to the TorchScript exporter, with a
+warning naming the reason), checks the file with ``onnx.checker`` (full check), gives it a
+dynamic batch axis and embeds the conversion report as ``metadata_props``.
+
+ORT runs float32, so its outputs are compared with the *original* PyTorch model in float32.
+A deep float32 network deviates from its own float64 self (resnet50 with randomised BN
+statistics: 2.2e-5), so an output passes when its error is within the tolerance or within
+``noise_factor`` times the original's own float32 rounding floor, which is measured and
+reported next to it (as in lnconvert.verify).
+"""
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import LnConvertError, OutputError, ParityError, UsageError
+from .io import atomic_path, check_output_path
+from .report import OutputParity
+from .verify import eval_mode, flat_outputs, parity
+
+
+def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Sequence[torch.Tensor] | None = None,
+                opset: int = 18, dynamic_batch: bool = True, force: bool = False,
+                metadata: dict[str, Any] | None = None) -> Path:
+    """Export a converted model (a ConversionResult or any module) to ONNX at ``path``.
+
+    Preserves: the function (checked separately by :func:`verify_onnx`); the report of a
+    ConversionResult, or ``metadata``, is stored in the file's ``metadata_props``.
+    """
+    import onnx
+
+    from .convert import ConversionResult
+
+    report = None
+    if isinstance(model_or_result, ConversionResult):
+        report = model_or_result.report
+        model = model_or_result.model
+        example_inputs = example_inputs or model_or_result.example_inputs
+    else:
+        model = model_or_result
+    if not example_inputs:
+        raise UsageError("export_onnx needs example_inputs (or a ConversionResult)")
+    args = tuple(example_inputs)
+    path = check_output_path(path, force)
+    props = {"lnconvert_version": __version__, **(metadata or {})}
+    if report is not None:
+        props.update(source_model=report.model, options=json.dumps(report.options, default=str),
+                     parity=json.dumps([p.__dict__ for p in report.parity], default=str), status=report.status)
+    try:
+        with atomic_path(path) as tmp, eval_mode(model), torch.no_grad():
+            exporter = _export(model, args, tmp, opset, dynamic_batch)
+            proto = onnx.load(tmp)
+            onnx.checker.check_model(proto, full_check=True)
+            props["exporter"] = exporter
+            del proto.metadata_props[:]
+            for key, value in props.items():
+                proto.metadata_props.add(key=key, value=str(value))
+            onnx.save(proto, tmp)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _export(model: nn.Module, args: tuple, target: str, opset: int, dynamic_batch: bool) -> str:
+    """Dynamo exporter first; the TorchScript exporter if it fails. Returns which one ran."""
+    try:
+        shapes = tuple({0: torch.export.Dim("batch", min=1)} for _ in args) if dynamic_batch else None
+        with contextlib.redirect_stdout(_io.StringIO()):  # the exporter prints its progress
+            torch.onnx.export(model, args, target, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                              verbose=False)
+        return "dynamo"
+    except Exception as exc:  # any exporter failure: try the other exporter before giving up
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"dynamo ONNX exporter failed ({type(exc).__name__}: {reason[:200]}); "
+                      f"using the TorchScript exporter", stacklevel=3)
+    names = [f"input_{i}" for i in range(len(args))]
+    axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, target, dynamo=False, opset_version=min(opset, 17), input_names=names,
+                          dynamic_axes=axes)
+    return "torchscript"
+
+
+def session(path: str | Path):
+    """An ORT session on every available provider (CPU last)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise LnConvertError(f"ONNX file not found: {path}")
+    providers = [p for p in ort.get_available_providers() if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), providers=providers)
+    except Exception as exc:
+        raise LnConvertError(f"{path} is not a valid ONNX model: {type(exc).__name__}") from exc
+
+
+def input_shape(sess) -> tuple[int, ...] | None:
+    """The first input's shape without the batch axis, when static."""
+    dims = sess.get_inputs()[0].shape[1:]
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def verify_onnx(path: str | Path, reference: nn.Module, *, inputs: Sequence[tuple[str, tuple[torch.Tensor, ...]]] = (),
+                sample_shape: Sequence[int] | None = None, batch_sizes: Sequence[int] = (1, 4),
+                tolerance: float = 1e-5, noise_factor: float = 4.0, seed: int = 0) -> list[OutputParity]:
+    """Run the ONNX file in ORT and ``reference`` (the original model) in PyTorch on random
+    inputs at each batch size plus ``inputs``; one row per output and input batch, checking
+    output count, shapes and values (like optimum's ``validate_model_outputs``)."""
+    sess = session(path)
+    shape = tuple(sample_shape) if sample_shape else input_shape(sess)
+    if shape is None:
+        raise UsageError("the ONNX input has dynamic spatial dims; pass the input size (C,H,W)")
+    gen = torch.Generator().manual_seed(seed)
+    batches = [(f"random batch {b}", (torch.randn((b, *shape), generator=gen),)) for b in batch_sizes]
+    names = [i.name for i in sess.get_inputs()]
+    rows = []
+    with torch.no_grad(), eval_mode(reference):
+        wide = _float64_copy(reference)
+        for label, args in [*batches, *inputs]:
+            if len(args) != len(names):
+                raise UsageError(f"the ONNX model takes {len(names)} inputs, got {len(args)}")
+            got = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})
+            expected = flat_outputs(reference(*args))
+            exact = flat_outputs(wide(*(a.double() for a in args)))
+            if len(got) != len(expected):
+                rows.append(OutputParity(f"{len(got)} outputs, expected {len(expected)}", label, float("inf"),
+                                         float("inf"), False, "float32 (ORT)"))
+                continue
+            for out_name, value, (_, ref), (_, ref64) in zip([o.name for o in sess.get_outputs()], got, expected,
+                                                            exact):
+                max_abs, max_rel = parity(ref, torch.from_numpy(np.asarray(value)))
+                floor = parity(ref64, ref)[1]
+                ok = max_rel <= max(tolerance, noise_factor * floor)
+                rows.append(OutputParity(out_name, label, max_abs, max_rel, ok, "float32 (ORT)", None, floor))
+    return rows
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def require_parity(rows: list[OutputParity], path: str | Path) -> None:
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        worst = max(bad, key=lambda r: r.max_rel)
+        raise ParityError(f"{path} differs from the reference: output {worst.output} on {worst.inputs} has max rel "
+                          f"error {worst.max_rel:.3e} (original's float32 floor {worst.native_noise or 0:.1e})")
