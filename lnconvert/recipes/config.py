@@ -31,6 +31,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                     "tolerance": 1e-5},
         "finetune": [],
         "timing": {"batch_size": 32, "steps": 10, "repeats": 5},
+        # compact the last fine-tuned model: "exact" (zero-weight and dead twins) and MAC budgets
+        "compact": {"targets": ["exact"], "calibration": 512},
         "save_model": True,
     },
     "depth": {
@@ -41,7 +43,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 LIST_ITEMS = {"finetune": FINETUNE}  # list-valued sections whose items are mappings with these keys
-NULLABLE = {"timing"}                # sections a recipe may switch off with `null`
+NULLABLE = {"timing", "compact"}     # sections a recipe may switch off with `null`
 
 
 def _merge(defaults: Any, given: Any, where: str) -> Any:

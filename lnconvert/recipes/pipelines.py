@@ -11,9 +11,10 @@ from rich.console import Console
 from torch import nn
 
 from ..analysis import DeadUnits, dead_units
-from ..convert import convert
+from ..compact import compact
+from ..convert import ConversionResult, convert
 from ..errors import ParityError
-from ..finetune import param_groups
+from ..finetune import param_groups, plain_state_dict
 from ..io import save, spec_for
 from ..models import load_model, load_weights
 from .config import RecipeError, fingerprint
@@ -82,6 +83,35 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, train: 
                amp=cfg["amp"], compile=cfg["compile"], progress=progress, label=label)
 
 
+def _compact_stage(result: ConversionResult, tuned: nn.Module, data: Data, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Compact the fine-tuned model at each target ("exact" or a MAC budget such as "1.2x" of
+    the original), calibrated on the first ``spec["calibration"]`` training images; test
+    accuracy and MACs per target, next to the fine-tuned model's."""
+    finetuned = copy.copy(result)
+    # plain weights (compaction moves columns); not merge_twins on a deepcopy: parametrized copies
+    # share their generated class with the original, and un-parametrizing one breaks the other
+    finetuned.model = copy.deepcopy(result.model)
+    finetuned.model.load_state_dict(plain_state_dict(tuned))
+    calibration, seen = [], 0
+    for x, _ in ordered_batches(data.train, 256):
+        if seen >= spec["calibration"]:
+            break
+        calibration.append(x[: spec["calibration"] - seen])
+        seen += len(calibration[-1])
+    reference = evaluate(finetuned.model, data.test)["accuracy"]
+    rows = []
+    for target in spec["targets"]:
+        budget = None if str(target).lower() == "exact" else target
+        compacted = compact(finetuned, data=calibration, target_macs=budget)
+        accuracy = evaluate(compacted.model, data.test)["accuracy"]
+        r = compacted.report
+        rows.append({"target": str(target), "test_accuracy": accuracy, "accuracy_change": accuracy - reference,
+                     "macs": r.macs_after, "macs_vs_original": r.macs_after / r.macs_original,
+                     "params": r.params_after, "max_rel_deviation": r.max_rel_deviation, "removed": r.removed,
+                     "notes": r.notes})
+    return rows
+
+
 # --- convert, then fine-tune BN-free -----------------------------------------------------
 def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> dict[str, Any]:
     """Train (optionally) a BN model, convert it with BN dropped, prove test accuracy is
@@ -140,6 +170,8 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
                                "ms_per_step": 1e3 * history["seconds"] / max(1, len(history["step_loss"]))})
             dead_tuned[label] = _dead(tuned, data, cfg)
             final = tuned
+        compacted = _compact_stage(result, final, data, cfg["compact"]) \
+            if cfg["compact"] is not None and final is not converted else []
 
     timing = None
     if cfg["timing"] is not None:
@@ -182,7 +214,8 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
                        "params_before": report.params_before, "params_after": report.params_after,
                        "linked": report.count(report.activations).get("linked", 0),
                        "batchnorm": report.count(report.batchnorm)},
-        "finetune": tuned_rows, "timing": timing,
+        "finetune": tuned_rows, "timing": timing, "compact": compacted,
+        "macs": {"original": report.macs_before, "converted": report.macs_after},
         "dead_units": {label: {"overall": overall_dead(rows), "layers": dead_rows(rows)} for label, rows in dead.items()},
         "histories": histories, "files": files, "seconds": time.perf_counter() - started,
     }
@@ -193,6 +226,13 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
     rows += [(r["label"], r["test_accuracy"], r["train_loss_after"], overall_dead(dead[r["label"]])) for r in tuned_rows]
     console.print(table(f"{cfg['name']}: conversion {report.status}, max rel error {report.max_rel_error:.1e}, "
                         f"{differ} test predictions changed", ["model", "test acc", "train loss", "dead units"], rows))
+    if compacted:
+        console.print(table(f"compaction of '{tuned_rows[-1]['label']}' (MACs per sample; original "
+                            f"{report.macs_before:,}, converted {report.macs_after:,})",
+                            ["target", "test acc", "change", "MACs", "x original", "removed"],
+                            [(c["target"], c["test_accuracy"], f"{c['accuracy_change']:+.4f}", f"{c['macs']:,}",
+                              f"{c['macs_vs_original']:.2f}", ", ".join(f"{k} {v}" for k, v in c["removed"].items()))
+                             for c in compacted]))
     if timing:
         s = timing["seconds_per_step"]
         console.print(table(f"train step at batch {timing['batch_size']} (median)", ["model", "ms / step"],
