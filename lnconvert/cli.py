@@ -60,6 +60,21 @@ def _parse_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
     return size
 
 
+def _read_tensor_file(path: Path, flag: str):
+    """One floating-point tensor (N, C, ...) from a ``torch.save`` file, loaded without unpickling."""
+    import torch
+
+    if not path.is_file():
+        raise UsageError(f"{flag} file not found: {path}")
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"{flag} {path} is not a tensor file ({type(exc).__name__})") from None
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise UsageError(f"{flag} {path} must hold one floating-point tensor (N, C, ...)")
+    return tensor
+
+
 def print_report(report, console: Console = out) -> None:
     from .report import summary_rows
 
@@ -98,6 +113,9 @@ def convert_cmd(
     report_json: Optional[Path] = typer.Option(None, help="Write the full report as JSON here."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also export to ONNX here and check it in ONNX Runtime "
                                                              "against the original (batch 1 and 4)."),
+    optimize: Optional[str] = typer.Option(None, help="With --onnx: also save ONNX Runtime's optimised graph "
+                                           "(basic: standard ops; extended/all: ORT fused ops, this hardware) "
+                                           "as ONNX-stem.opt.onnx and check it the same way."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the original."),
     tolerance: float = typer.Option(1e-5, help="Max relative error: max|delta| / max(1, max|y|)."),
@@ -125,7 +143,8 @@ def convert_cmd(
                 raise UsageError(f"unknown --format {save_format!r}; choose one of: {', '.join(FORMATS)}")
             default_name = model.replace("/", "_").replace(":", "_") + "-linked" + FORMATS[save_format]
             target = check_output_path(output or Path(default_name), force)
-        for extra in (report_json, onnx):
+        optimized = _optimized_path(onnx, optimize)
+        for extra in (report_json, onnx, optimized):
             if extra is not None:
                 check_output_path(extra, force)
         with err.status(f"loading {model}"):
@@ -156,6 +175,13 @@ def convert_cmd(
                 rows = verify_onnx(onnx, net, sample_shape=inputs[0].shape[1:], tolerance=tolerance)
             print_parity(rows, f"ONNX Runtime vs original: {onnx}")
             require_parity(rows, onnx)
+            if optimized is not None:
+                from .export import optimize_onnx
+
+                optimize_onnx(onnx, optimized, level=optimize, force=force)
+                rows = verify_onnx(optimized, net, sample_shape=inputs[0].shape[1:], tolerance=tolerance)
+                print_parity(rows, f"ONNX Runtime ({optimize} optimisation) vs original: {optimized}")
+                require_parity(rows, optimized)
         if report_json is not None:
             from .io import atomic_path
 
@@ -166,6 +192,19 @@ def convert_cmd(
         raise
     except BaseException as exc:  # every failure becomes one line and an exit code
         _fail(exc, debug)
+
+
+def _optimized_path(onnx: Optional[Path], level: Optional[str]) -> Optional[Path]:
+    """Where ``--optimize`` saves ORT's optimised graph: beside the export, ``.opt.onnx``."""
+    from .export import OPTIMIZATION_LEVELS
+
+    if level is None:
+        return None
+    if onnx is None:
+        raise UsageError("--optimize needs --onnx PATH (it optimises the exported file)")
+    if level not in OPTIMIZATION_LEVELS:
+        raise UsageError(f"unknown --optimize level {level!r}; choose one of: {', '.join(OPTIMIZATION_LEVELS)}")
+    return onnx.with_name(onnx.name.removesuffix(".onnx") + ".opt.onnx")
 
 
 def print_parity(rows, title: str, console: Console = out) -> None:
@@ -187,6 +226,8 @@ def verify_onnx_cmd(
     weights: Optional[str] = typer.Option(None, help="Checkpoint for --reference (as in convert)."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W when the ONNX input has dynamic spatial dims."),
     batch: List[int] = typer.Option([1, 4], help="Batch sizes to check (repeatable)."),
+    data: Optional[Path] = typer.Option(None, help="Also check on your inputs: a .pt file holding one tensor "
+                                                   "(N, C, H, W), checked in batches of 32."),
     tolerance: float = typer.Option(1e-5, help="Max relative error (or 4x the reference's own float32 floor)."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
@@ -199,7 +240,11 @@ def verify_onnx_cmd(
         size = _parse_size(input_size)
         with err.status(f"loading {reference}"):
             ref = load_model(reference, weights, trust_pickle=trust_pickle)
-        rows = verify_onnx(onnx_file, ref, sample_shape=size, batch_sizes=batch, tolerance=tolerance)
+        user = [] if data is None else [(f"{data.name}[{i}]", (chunk,)) for i, chunk in
+                                         enumerate(_read_tensor_file(data, "--data").split(32))]
+        if size is None and user:
+            size = tuple(user[0][1][0].shape[1:])
+        rows = verify_onnx(onnx_file, ref, inputs=user, sample_shape=size, batch_sizes=batch, tolerance=tolerance)
         print_parity(rows, f"ONNX Runtime vs {reference}: {onnx_file}", out)
         require_parity(rows, onnx_file)
     except (typer.Exit, click.exceptions.Exit):
@@ -219,25 +264,13 @@ def compact_cmd(
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Remove twins that cannot change the output (exact), then the least salient ones to meet --target-macs."""
-    import torch
-
     from .compact import compact
     from .io import check_output_path, read_spec, save, spec_for
 
     try:
         target = check_output_path(output or saved_model.with_name(saved_model.name.replace(
             ".safetensors", "") + "-compact.safetensors"), force)
-        batches = None
-        if data is not None:
-            if not data.is_file():
-                raise UsageError(f"--data file not found: {data}")
-            try:
-                tensor = torch.load(data, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise UsageError(f"--data {data} is not a tensor file ({type(exc).__name__})") from None
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-                raise UsageError(f"--data {data} must hold one floating-point tensor (N, C, ...)")
-            batches = list(tensor.split(32))
+        batches = None if data is None else list(_read_tensor_file(data, "--data").split(32))
         with err.status(f"compacting {saved_model}"):
             result = compact(saved_model, data=batches, target_macs=target_macs)
         rep = result.report

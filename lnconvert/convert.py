@@ -77,6 +77,8 @@ def convert(
     precision: str = "float64",
     name: str | None = None,
     twins: dict[str, Sequence[int]] | None = None,
+    norm: str = "fold",
+    lcw: bool = False,
 ) -> ConversionResult:
     """Convert a trained model into a BatchNorm-free model with linked activations.
 
@@ -89,11 +91,20 @@ def convert(
     float32 deviation is reported too); ``"float32"`` compares them as they are.
     ``twins`` (set by :func:`lnconvert.compact`) keeps twins only for the listed channels
     of the named activations.
+
+    ``norm`` chooses what replaces BatchNorm (papers.md): ``"fold"`` (into the producing
+    conv / linear, else a per-channel affine), ``"normprop"`` (those convs / linears become
+    NormProp layers, ReLUs between two of them are re-normalised; exact at conversion) or
+    ``"deep-control"`` (a BN on a conv output becomes ``DeepControl2d`` with ``alpha = 0``;
+    exact). ``lcw=True`` then projects every conv / linear onto zero-sum weights per unit
+    and keeps them there (Linearly Constrained Weights): this changes the function by
+    design, so the model is verified *before* the projection, and the deviation it causes
+    is reported (``report.lcw_deviation``, status ``changed``) instead of raising.
     """
     options = ConvertOptions(drop_bn=drop_bn, link=link, policy=policy,
                              activations=tuple(activations) if activations is not None else None,
                              residual=residual, leaf_modules=tuple(leaf_modules), tolerance=tolerance,
-                             precision=precision,
+                             precision=precision, norm=norm, lcw=lcw,
                              twins={k: tuple(v) for k, v in twins.items()} if twins is not None else None)
     if not isinstance(model, nn.Module):
         raise UsageError(f"expected an nn.Module, got {type(model).__name__}")
@@ -122,6 +133,9 @@ def convert(
         gm = passes.decompose_normact.run(gm, ctx)
     with _timed(report, "modularize"):
         gm = passes.modularize.run(gm, ctx)
+    if options.norm == "deep-control":
+        with _timed(report, "deep_control"):
+            gm = passes.deep_control.run(gm, ctx)
     if options.drop_bn:
         with _timed(report, "fold_bn"):
             gm = passes.fold_bn.run(gm, ctx)
@@ -137,6 +151,9 @@ def convert(
             gm = passes.boundaries.run(gm, ctx, plan)
         with _timed(report, "relayout"):
             gm = passes.relayout.run(gm, ctx, plan)
+    if options.norm == "normprop":
+        with _timed(report, "normprop"):
+            gm = passes.normprop.run(gm, ctx)
     with _timed(report, "check"):
         gm.graph.lint()
         gm.graph.eliminate_dead_code()
@@ -162,6 +179,14 @@ def convert(
             raise ParityError(f"converted model differs from the original: {worst.output} on {worst.inputs} "
                               f"input has max rel error {worst.max_rel:.3e} > tolerance {tolerance:.0e}", report)
         report.status = "partial" if report.status_reasons else "exact"
+    if options.lcw:
+        with _timed(report, "lcw"):
+            gm = passes.lcw.run(gm, ctx)
+        if verify:
+            report.lcw_deviation = max(p.max_rel for p in compare(model, gm, labelled, tolerance, precision))
+            report.status = "changed"
+            report.status_reasons.append(f"LCW projection changes the function by design: max rel deviation "
+                                         f"{report.lcw_deviation:.2e}; fine-tune to recover")
     gm.train(model.training)  # hand back the caller's mode
     return ConversionResult(gm, report, model, options, inputs)
 

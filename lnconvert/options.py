@@ -12,6 +12,7 @@ from .report import ConversionReport
 from .rules import ACTIVATION_NAMES, ALIASES
 
 RESIDUAL_MODES = ("slice", "gate")
+NORM_STRATEGIES = ("fold", "normprop", "deep-control")  # what replaces a BatchNorm (papers.md)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class ConvertOptions:
     precision: str = "float64"
     # compaction: activation node -> channels that keep a twin (absent: all twins)
     twins: dict[str, tuple[int, ...]] | None = None
+    norm: str = "fold"
+    lcw: bool = False  # project weights onto zero sum per unit (changes the function by design)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -39,6 +42,10 @@ class ConvertOptions:
                 raise UsageError(f"unknown activation type(s) {', '.join(unknown)}; "
                                  f"known: {', '.join(sorted(ACTIVATION_NAMES))}")
             object.__setattr__(self, "activations", names)
+        if self.norm not in NORM_STRATEGIES:
+            raise UsageError(f"unknown norm strategy {self.norm!r}; choose one of: {', '.join(NORM_STRATEGIES)}")
+        if self.norm != "fold" and not self.drop_bn:
+            raise UsageError(f"norm={self.norm!r} replaces BatchNorm; it cannot be combined with keeping BN (--keep-bn)")
         if self.precision not in ("float64", "float32"):
             raise UsageError(f"unknown precision {self.precision!r}; choose float64 or float32")
         if not self.tolerance > 0:

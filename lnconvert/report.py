@@ -28,12 +28,15 @@ class ConversionReport:
     model: str
     options: dict[str, Any]
     lnconvert_version: str = ""
-    status: str = "unverified"  # exact | partial | unverified
+    status: str = "unverified"  # exact | partial | changed (LCW, by design) | unverified | failed
     status_reasons: list[str] = field(default_factory=list)
     batchnorm: list[dict[str, str]] = field(default_factory=list)      # name, action, detail
     activations: list[dict[str, str]] = field(default_factory=list)    # node, type, action, reason/layout
     consumers: list[dict[str, Any]] = field(default_factory=list)      # node, type, before, after
     boundaries: list[dict[str, str]] = field(default_factory=list)     # consumer, producer, kind, reason
+    norm_layers: list[dict[str, str]] = field(default_factory=list)   # layer, strategy, action, detail
+    lcw_layers: list[dict[str, Any]] = field(default_factory=list)     # layer, rel_weight_change
+    lcw_deviation: float | None = None  # max rel output change caused by LCW (vs the original)
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0
@@ -49,6 +52,9 @@ class ConversionReport:
 
     def activation(self, node: str, kind: str, action: str, detail: str = "") -> None:
         self.activations.append({"node": node, "type": kind, "action": action, "detail": detail})
+
+    def norm_layer(self, layer: str, strategy: str, action: str, detail: str = "") -> None:
+        self.norm_layers.append({"layer": layer, "strategy": strategy, "action": action, "detail": detail})
 
     def boundary(self, consumer: str, producer: str, kind: str, reason: str) -> None:
         self.boundaries.append({"consumer": consumer, "producer": producer, "kind": kind, "reason": reason})
@@ -77,6 +83,21 @@ class ConversionReport:
         return ConversionReport(**data)
 
 
+def _strategy_rows(report: ConversionReport, counts) -> list[tuple[str, str]]:
+    """Rows for the normalisation strategy (``norm``) and LCW, when they were used."""
+    rows = []
+    norm = report.options.get("norm", "fold")
+    if norm != "fold":
+        rows.append((f"norm: {norm}", counts(report.norm_layers)))
+    if report.options.get("lcw"):
+        changes = [layer["rel_weight_change"] for layer in report.lcw_layers]
+        deviation = "not measured" if report.lcw_deviation is None else f"{report.lcw_deviation:.2e}"
+        rows.append(("lcw", f"{len(changes)} layers projected, rel weight change "
+                            f"{min(changes, default=0):.2e}..{max(changes, default=0):.2e}, "
+                            f"output deviation {deviation} (by design)"))
+    return rows
+
+
 def summary_rows(report: ConversionReport) -> list[tuple[str, str]]:
     """(label, value) rows for the CLI table and the README."""
     def counts(items, key="action"):
@@ -89,6 +110,7 @@ def summary_rows(report: ConversionReport) -> list[tuple[str, str]]:
         ("activations", counts(report.activations)),
         ("consumers widened", str(len(report.consumers))),
         ("boundaries", counts(report.boundaries, "kind")),
+        *_strategy_rows(report, counts),
         ("params", f"{report.params_before:,} -> {report.params_after:,} "
                    f"({report.params_after / max(report.params_before, 1):.2f}x)"),
         ("MACs / sample", f"{report.macs_before:,} -> {report.macs_after:,} "

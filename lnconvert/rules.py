@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .nn import ChannelAffine
+from .nn import ChannelAffine, NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear, ReLURenorm
 
 
 class Kind(enum.Enum):
@@ -166,7 +166,8 @@ for _t in BATCHNORM_MODULES + (ChannelAffine,):
 # --- absorbing consumers ----------------------------------------------------------
 CONV_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_MODULES: tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-ABSORB_MODULES: list[type] = [*CONV_MODULES, *CONV_TRANSPOSE_MODULES, nn.Linear]
+ABSORB_MODULES: list[type] = [*CONV_MODULES, *CONV_TRANSPOSE_MODULES, nn.Linear,
+                              NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear]
 try:  # timm's "same"-padded conv pads spatially, then runs an ordinary conv
     from timm.layers import Conv2dSame
 
@@ -188,6 +189,7 @@ _PASS_MODULES = PAD_MODULES + (
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    ReLURenorm,  # elementwise and constant: the same on primaries and twins
 )
 _PASS_FUNCTIONS = (
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,

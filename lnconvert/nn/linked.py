@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -160,3 +160,46 @@ class GatedMerge(nn.Module):
             x = torch.cat([x, torch.zeros_like(x.narrow(self.dim, 0, 1))], dim=self.dim)
         twin = x.index_select(self.dim, self.twin_index)
         return primary + self.gate.view(shape) * twin
+
+
+class _NamedLinked(LinkedActivation):
+    """A LinkedActivation whose base activation is the subclass's ``base`` factory."""
+
+    base: Callable[[], nn.Module]
+
+    def __init__(self, policy: str = "mirror", dim: int = 1, groups: int = 1):
+        super().__init__(self.base(), policy, dim, groups)
+
+
+class LinkedReLU(_NamedLinked):
+    """``cat(relu(x), relu(-x))`` (CReLU); ``minmax``: ``cat(relu(x), min(x, 0))``."""
+    base = staticmethod(nn.ReLU)
+
+
+class LinkedSELU(_NamedLinked):
+    """``cat(selu(x), selu(-x))``: the paper's best variant in the 50-layer plain net."""
+    base = staticmethod(nn.SELU)
+
+
+class LinkedSiLU(_NamedLinked):
+    """``cat(silu(x), silu(-x))`` (linked Swish)."""
+    base = staticmethod(nn.SiLU)
+
+
+class LinkedELU(_NamedLinked):
+    """``cat(elu(x), elu(-x))``."""
+    base = staticmethod(nn.ELU)
+
+
+class LinkedGELU(_NamedLinked):
+    """``cat(gelu(x), gelu(-x))``."""
+    base = staticmethod(nn.GELU)
+
+
+class LinkedPReLU(LinkedActivation):
+    """Two PReLUs with their own slopes: ``cat(prelu_a(x), prelu_b(-x))`` (``mirror``), each
+    with ``num_parameters`` slopes initialised to ``init``; ``minmax`` keeps one set."""
+
+    def __init__(self, num_parameters: int = 1, init: float = 0.25, policy: str = "mirror", dim: int = 1,
+                 groups: int = 1):
+        super().__init__(nn.PReLU(num_parameters, init), policy, dim, groups)

@@ -11,6 +11,8 @@ from ..nn import ChannelAffine
 from ..options import PassContext
 from ..rules import BATCHNORM_MODULES, CONV_MODULES, CONV_TRANSPOSE_MODULES
 
+FOLDED_BN = "lnc_folded_bn"  # node meta: the BN folded into this conv / linear (read by the normprop pass)
+
 
 def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BN as ``x * scale + shift``, computed in float64 for folding precision."""
@@ -111,6 +113,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 width = module.out_channels if hasattr(module, "out_channels") else module.out_features
                 own_module(gm, producer, fold_into(module, scale[start:start + width], shift[start:start + width]),
                            "folded")
+                producer.meta[FOLDED_BN] = node.target
             ctx.report.bn(node.target, "folded", "into " + ", ".join(p.target for p, _, _ in producers))
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
