@@ -242,6 +242,9 @@ def compact(conversion: ConversionResult | str | Path, *, data: Iterable[Any] | 
         from .io import load_result
 
         conversion = load_result(conversion)
+    if conversion.options.lcw:
+        raise UsageError("compaction does not support LCW models: the zero-sum constraint couples every weight of "
+                         "a unit, so removing twin columns changes the kept ones; compact before applying LCW")
     gm = conversion.model
     batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data] if data is not None else []
     batches = [tuple(t for t in b if isinstance(t, torch.Tensor) and t.is_floating_point())[:1] for b in batches]

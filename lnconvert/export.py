@@ -13,6 +13,7 @@ reported next to it (as in lnconvert.verify).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io as _io
 import json
 import warnings
@@ -51,6 +52,7 @@ def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Seque
         model = model_or_result
     if not example_inputs:
         raise UsageError("export_onnx needs example_inputs (or a ConversionResult)")
+    model = without_parametrizations(model)
     args = tuple(example_inputs)
     path = check_output_path(path, force)
     props = {"lnconvert_version": __version__, **(metadata or {})}
@@ -70,6 +72,21 @@ def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Seque
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
+
+
+def without_parametrizations(model: nn.Module) -> nn.Module:
+    """``model``, or a copy whose parametrized weights (LCW, split twins) are plain tensors
+    holding their current values: the file stores the weights the model computes with, not
+    the reparametrisation (which would be recomputed at every ONNX run)."""
+    from torch.nn.utils import parametrize
+
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return model
+    baked = copy.deepcopy(model)
+    for module in baked.modules():
+        for name in list(getattr(module, "parametrizations", {}) or {}):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return baked
 
 
 def _export(model: nn.Module, args: tuple, target: str, opset: int, dynamic_batch: bool) -> str:
@@ -149,8 +166,6 @@ def verify_onnx(path: str | Path, reference: nn.Module, *, inputs: Sequence[tupl
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).double()
 
 
