@@ -100,6 +100,12 @@ def convert_cmd(
                                                          "(e.g. relu,silu); default all."),
     residual: str = typer.Option("slice", help="Residual boundary: slice (primaries) or gate "
                                                "(primary + a*twin, a=0)."),
+    norm: str = typer.Option("fold", help="What replaces BatchNorm: fold (into the conv/linear, else an affine), "
+                                          "normprop (NormProp layers + ReLU re-normalisation) or deep-control "
+                                          "(DeepControl2d, alpha=0); all exact at conversion."),
+    lcw: bool = typer.Option(False, "--lcw", help="Also project every conv/linear onto zero-sum weights per unit "
+                                                  "(LCW). Changes the function by design: verified before the "
+                                                  "projection, its deviation reported (status 'changed')."),
     weights: Optional[str] = typer.Option(None, help="Checkpoint PATH (.pt/.pth/.safetensors), or DEFAULT "
                                                      "for official weights (needs network). "
                                                      "Default: the architecture's own initialisation."),
@@ -135,8 +141,8 @@ def convert_cmd(
 
         size = _parse_size(input_size)
         acts = [a for a in activations.split(",")] if activations else None
-        ConvertOptions(policy=policy, residual=residual, activations=acts, tolerance=tolerance,
-                       precision=precision)  # validate before the (slow) model load
+        ConvertOptions(drop_bn=drop_bn, policy=policy, residual=residual, activations=acts, tolerance=tolerance,
+                       precision=precision, norm=norm, lcw=lcw)  # validate before the (slow) model load
         target = None
         if not no_save:
             if save_format not in FORMATS:
@@ -156,7 +162,7 @@ def convert_cmd(
             try:
                 result = convert(net, drop_bn=drop_bn, link=link, policy=policy, activations=acts,
                                  residual=residual, example_inputs=inputs, verify=verify, leaf_modules=leaf or (),
-                                 tolerance=tolerance, precision=precision, name=model)
+                                 tolerance=tolerance, precision=precision, name=model, norm=norm, lcw=lcw)
             except ParityError as exc:
                 if exc.report is not None:
                     print_report(exc.report, err)
