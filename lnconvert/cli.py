@@ -316,6 +316,62 @@ def list_cmd(pattern: str = typer.Argument("*", help="Glob pattern, e.g. 'resnet
         raise typer.Exit(3)
 
 
+@app.command("zoo", no_args_is_help=True)
+def zoo_cmd(
+    models: Optional[List[str]] = typer.Argument(None, help="Model names (torchvision or timm, as for convert)."),
+    torchvision: bool = typer.Option(False, "--torchvision", help="All torchvision classification models."),
+    timm_patterns: Optional[List[str]] = typer.Option(None, "--timm", help="timm models matching this glob, "
+                                                                          "e.g. 'resnet*' (repeatable)."),
+    timm_families: bool = typer.Option(False, "--timm-families", help="The smallest model (by parameter count) "
+                                       "of every timm family: timm module + name stem, e.g. efficientnet:mixnet."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Models converted in parallel (one subprocess each)."),
+    timeout: float = typer.Option(600.0, help="Seconds per model; a model over it is a failed row (Timeout)."),
+    threads: int = typer.Option(1, help="torch threads per model subprocess (1 is fastest on a shared machine)."),
+    memory_gb: float = typer.Option(8.0, help="Address-space cap per model subprocess in GiB (0: none); "
+                                              "a model over it fails alone (MemoryError)."),
+    rerun: bool = typer.Option(False, "--rerun", help="Convert models already in the CSV again (default: skip them)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also export each model to ONNX and check it in ONNX Runtime."),
+    input_size: Optional[int] = typer.Option(None, help="Square input side; default the first of 64, 96, 128, 160, "
+                                                        "192, 224 the model runs at (recorded per row)."),
+    drop_bn: bool = typer.Option(True, "--drop-bn/--keep-bn", help="Remove BatchNorm (fold or affine)."),
+    policy: str = typer.Option("mirror", help="Linking policy: mirror or minmax."),
+    residual: str = typer.Option("slice", help="Residual boundary: slice or gate."),
+    out_prefix: str = typer.Option("zoo-report", "--out", help="Writes PREFIX.csv (resumed) and PREFIX.md."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Convert many models, each in its own subprocess with a time limit, into PREFIX.csv / PREFIX.md.
+
+    One row per model: traced, BN before -> after (folded/affine/kept), activations linked/skipped,
+    consumers widened, boundaries, params and MACs, parity, time and status (exact, partial with
+    the reason, failed with the error class). BN statistics are randomised first (random init).
+    A failed model is a row, not an error: the exit code is 0 once every model has a row.
+    """
+    from .options import ConvertOptions
+    from .zoo import ZooOptions, run_zoo, select_models
+
+    try:
+        ConvertOptions(policy=policy, residual=residual)  # validate before any model runs
+        if input_size is not None and input_size <= 0:
+            raise UsageError(f"--input-size must be a positive side length, got {input_size}")
+        if threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {threads}")
+        names = select_models(models or (), torchvision=torchvision, timm_patterns=timm_patterns or (),
+                              timm_smallest_per_family=timm_families)
+        if not names:
+            raise UsageError("no models selected: give names, --torchvision, --timm PATTERN or --timm-families")
+        options = ZooOptions(drop_bn=drop_bn, policy=policy, residual=residual, input_size=input_size, onnx=onnx,
+                             timeout=timeout, memory_gb=memory_gb, threads=threads)
+        rows = run_zoo(names, options, out=out_prefix, jobs=jobs, rerun=rerun, console=err)
+        chosen = set(names)
+        mine = [r for r in rows if r["model"] in chosen]
+        out.print(", ".join(f"{sum(r['status'] == s for r in mine)} {s}" for s in ("exact", "partial", "failed"))
+                  + f" of {len(mine)}; report {out_prefix}.csv, {out_prefix}.md", highlight=False)
+    except (typer.Exit, click.exceptions.Exit):
+        raise
+    except BaseException as exc:
+        _fail(exc, debug)
+
+
 recipe_app = typer.Typer(no_args_is_help=True, help="Runnable recipes (recipes/*.yaml): train, convert, "
                                                      "fine-tune BN-free, plot.")
 app.add_typer(recipe_app, name="recipe")

@@ -1,0 +1,415 @@
+"""Zoo runner: convert many models, each in its own subprocess with a time limit, into one table.
+
+The parent process selects model names, runs ``python -m lnconvert.zoo NAME RESULT OPTIONS``
+per model (``jobs`` at a time) and appends one row per model to ``PREFIX.csv`` (rewritten
+atomically after every model, so an interrupted run resumes where it stopped) and
+``PREFIX.md``. A child that hangs, runs out of memory or crashes becomes a ``failed`` row
+naming what happened; it never stops the run.
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import LnConvertError, OutputError, UsageError
+
+COLUMNS = (
+    "model", "library", "input_size", "traced", "bn_before", "bn_after", "bn_folded", "bn_affine", "bn_kept",
+    "act_linked", "act_skipped", "consumers_widened", "boundaries_slice", "boundaries_gate",
+    "params_before", "params_after", "macs_before", "macs_after", "max_rel_error", "float32_floor", "onnx_max_rel",
+    "convert_seconds", "verify_seconds", "status", "error_class", "reason", "note",
+)
+STATUSES = ("exact", "partial", "failed")
+# tried in order when no input size is given: the first the model runs at is used
+SIZE_LADDER = (64, 96, 128, 160, 192, 224)
+
+
+@dataclass(frozen=True)
+class ZooOptions:
+    """How every model of a zoo run is converted and checked (also what the child receives)."""
+
+    drop_bn: bool = True
+    policy: str = "mirror"
+    residual: str = "slice"
+    input_size: int | None = None  # square side; None: the first of SIZE_LADDER the model runs at
+    onnx: bool = False
+    timeout: float = 600.0
+    memory_gb: float = 8.0
+    threads: int = 1
+
+
+# -- selecting models ------------------------------------------------------------------------
+
+def torchvision_classification() -> list[str]:
+    """Every torchvision classification model (``torchvision.models.list_models(module=models)``)."""
+    from .models import torchvision_names
+
+    return [f"torchvision/{n}" for n in torchvision_names()]
+
+
+def timm_matching(pattern: str) -> list[str]:
+    """timm models whose name matches the glob ``pattern``."""
+    from .models import timm_names
+
+    return [f"timm/{n}" for n in timm_names() if fnmatch.fnmatch(n, pattern)]
+
+
+def timm_family(name: str) -> str:
+    """The family of a timm model: its timm module plus the name's stem without the depth,
+    e.g. ``efficientnet:mixnet`` for mixnet_s, ``resnet:resnet`` for resnet18d and resnet50."""
+    from timm.models import _registry
+
+    tokens = name.split("_")
+    stem = "_".join(tokens[:2]) if tokens[0] == "tf" and len(tokens) > 1 else tokens[0]
+    stem = re.sub(r"\d{2,}[a-z]?$", "", stem)  # resnet18d -> resnet; mobilenetv3 keeps its version
+    return f"{_registry._model_to_module.get(name, '?')}:{stem}"
+
+
+def _meta_param_count(name: str) -> float:
+    """Parameters of a timm model built on the meta device (no memory, no init); inf if it cannot be."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # an architecture that computes on tensors in __init__: rank it last
+        return float("inf")
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+@lru_cache(maxsize=1)
+def timm_families() -> dict[str, str]:
+    """Family -> its smallest timm model by parameter count (ties: the shorter, then first name)."""
+    from .models import timm_names
+
+    members: dict[str, list[str]] = {}
+    for name in timm_names():
+        members.setdefault(timm_family(name), []).append(name)
+    return {family: min(names, key=lambda n: (_meta_param_count(n) if len(names) > 1 else 0, len(n), n))
+            for family, names in sorted(members.items())}
+
+
+def select_models(names: Iterable[str] = (), *, torchvision: bool = False, timm_patterns: Iterable[str] = (),
+                  timm_smallest_per_family: bool = False) -> list[str]:
+    """Canonical ``library/name`` list, in the order asked, without repeats. Explicit names are
+    resolved like ``lnconvert MODEL`` (an unknown name raises ModelSourceError)."""
+    from .models import resolve
+
+    chosen: list[str] = []
+    for name in names:
+        library, arch = resolve(name)
+        if library == "import":
+            raise UsageError(f"the zoo runs torchvision and timm models; {name!r} is an import path")
+        chosen.append(f"{library}/{arch}")
+    if torchvision:
+        chosen += torchvision_classification()
+    for pattern in timm_patterns:
+        matched = timm_matching(pattern)
+        if not matched:
+            raise UsageError(f"no timm model matches {pattern!r}")
+        chosen += matched
+    if timm_smallest_per_family:
+        chosen += [f"timm/{n}" for n in timm_families().values()]
+    return list(dict.fromkeys(chosen))
+
+
+# -- one model (runs in the child process) ------------------------------------------------------
+
+def _run_size(model, channels: int, options: ZooOptions) -> int:
+    """The input side used: ``options.input_size``, else the first ladder size the model runs at."""
+    import torch
+
+    sides = (options.input_size,) if options.input_size else SIZE_LADDER
+    last: Exception | None = None
+    for side in sides:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, channels, side, side))
+            return side
+        except Exception as exc:  # too small for this architecture: try the next size
+            last = exc
+    raise UsageError(f"the model does not run at input sizes {list(sides)}: {type(last).__name__}: "
+                     f"{str(last).strip().splitlines()[0] if str(last).strip() else ''}")
+
+
+def _count_batchnorm(model) -> int:
+    import torch
+
+    from .convert import remaining_batchnorm
+
+    modules = {n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    functional = set(remaining_batchnorm(model)) if hasattr(model, "graph") else set()
+    return len(modules | functional)
+
+
+def _report_columns(report) -> dict[str, Any]:
+    bn, acts, kinds = report.count(report.batchnorm), report.count(report.activations), \
+        report.count(report.boundaries, "kind")
+    floors = [p.native_noise for p in report.parity if p.native_noise is not None]
+    return {
+        "bn_folded": bn.get("folded", 0), "bn_affine": bn.get("affine", 0), "bn_kept": bn.get("kept", 0),
+        "act_linked": acts.get("linked", 0), "act_skipped": sum(v for k, v in acts.items() if k != "linked"),
+        "consumers_widened": len(report.consumers),
+        "boundaries_slice": kinds.get("slice", 0), "boundaries_gate": kinds.get("gate", 0),
+        "params_before": report.params_before, "params_after": report.params_after,
+        "macs_before": report.macs_before, "macs_after": report.macs_after,
+        "max_rel_error": "" if report.max_rel_error is None else f"{report.max_rel_error:.2e}",
+        "float32_floor": f"{max(floors):.2e}" if floors else "",
+        "verify_seconds": f"{report.pass_seconds.get('verify', 0.0):.2f}",
+    }
+
+
+def _onnx_max_rel(result, original) -> tuple[float, bool]:
+    from .export import export_onnx, verify_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(result, Path(tmp) / "model.onnx")
+        rows = verify_onnx(path, original, sample_shape=result.example_inputs[0].shape[1:])
+    return max(r.max_rel for r in rows), all(r.ok for r in rows)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
+    """Load ``name`` (random init), randomise its BN statistics, convert and verify it: one row."""
+    import torch
+
+    from .convert import convert
+    from .errors import ParityError, TraceError
+    from .models import load_model
+    from .testing import randomize_batchnorm
+    from .trace import example_input_size
+
+    torch.set_num_threads(options.threads)
+    row: dict[str, Any] = {"model": name, "library": name.partition("/")[0], "status": "failed"}
+    try:
+        torch.manual_seed(0)  # the architecture's own random init, the same every run
+        model = load_model(name)
+        row["bn_before"] = _count_batchnorm(model)
+        channels = example_input_size(model)[0]
+        side = _run_size(model, channels, options)
+        row["input_size"] = f"{channels}x{side}x{side}"
+        generator = torch.Generator().manual_seed(0)
+        randomize_batchnorm(model, torch.randn(4, channels, side, side, generator=generator))
+        x = torch.randn(2, channels, side, side, generator=generator)
+        start = time.perf_counter()
+        result = convert(model, drop_bn=options.drop_bn, policy=options.policy, residual=options.residual,
+                         example_inputs=x, name=name)
+        row["convert_seconds"] = f"{time.perf_counter() - start:.2f}"
+        row["traced"] = "yes"
+        row.update(_report_columns(result.report), bn_after=_count_batchnorm(result.model),
+                   status=result.report.status, reason="; ".join(result.report.status_reasons))
+        if options.onnx:
+            worst, ok = _onnx_max_rel(result, model)
+            row["onnx_max_rel"] = f"{worst:.2e}"
+            if not ok:
+                row.update(status="failed", error_class="OnnxParity", reason=f"ONNX Runtime max rel {worst:.2e}")
+    except Exception as exc:  # every failure is a row: the class and one line
+        row.update(error_class=type(exc).__name__, reason=_one_line(exc))
+        if isinstance(exc, TraceError):
+            row["traced"] = "no"
+        elif isinstance(exc, ParityError):
+            row["traced"] = "yes"
+            if exc.report is not None:
+                row.update(_report_columns(exc.report))
+        elif "can't allocate memory" in str(exc) or isinstance(exc, MemoryError):
+            row["error_class"] = "MemoryError"
+    if row.get("bn_before") == 0 and options.drop_bn:
+        row["note"] = "no BatchNorm: --drop-bn is a no-op"
+    return row
+
+
+def _limit_memory(gigabytes: float) -> None:
+    """Cap the child's address space so one huge model fails alone instead of swapping the machine."""
+    import resource
+
+    limit = int(gigabytes * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def child_main(argv: Sequence[str]) -> int:
+    """``python -m lnconvert.zoo NAME RESULT_JSON OPTIONS_JSON``: write one row as JSON."""
+    name, result_path, options_json = argv
+    options = ZooOptions(**json.loads(options_json))
+    if options.memory_gb > 0:
+        _limit_memory(options.memory_gb)
+    import warnings
+
+    warnings.filterwarnings("ignore")  # a child's stderr is only read when it dies
+    row = convert_one(name, options)
+    Path(result_path).write_text(json.dumps(row))
+    return 0
+
+
+# -- running many (parent process) ---------------------------------------------------------------
+
+def run_child(name: str, options: ZooOptions, running: set | None = None) -> dict[str, Any]:
+    """Convert ``name`` in a fresh interpreter; a timeout, a kill or a crash becomes a failed row.
+    The child is in ``running`` while it runs, so an interrupted parent can end it."""
+    failed = {"model": name, "library": name.partition("/")[0], "status": "failed"}
+    with tempfile.TemporaryDirectory(prefix="lnconvert-zoo-") as tmp:
+        result_path = Path(tmp) / "row.json"
+        command = [sys.executable, "-m", "lnconvert.zoo", name, str(result_path), json.dumps(asdict(options))]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)  # Ctrl-C reaches the parent only; it ends the children
+        if running is not None:
+            running.add(process)
+        try:
+            _, stderr = process.communicate(timeout=options.timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            return failed | {"error_class": "Timeout", "reason": f"no result within {options.timeout:g} s"}
+        finally:
+            if running is not None:
+                running.discard(process)
+        if result_path.is_file():
+            return json.loads(result_path.read_text())
+    elapsed = time.perf_counter() - start
+    if process.returncode < 0:
+        import signal
+
+        signame = signal.Signals(-process.returncode).name
+        hint = " (out of memory?)" if signame == "SIGKILL" else ""
+        return failed | {"error_class": "Killed", "reason": f"{signame} after {elapsed:.0f} s{hint}"}
+    last = (stderr or "").strip().splitlines()[-1:] or [f"exit code {process.returncode}"]
+    return failed | {"error_class": "Crashed", "reason": last[0][:300]}
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """Rows of an existing zoo CSV ([] if there is none); refuses a file that is not one. Columns
+    added since the file was written read as empty."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not {"model", "library", "status"} <= set(reader.fieldnames or ()):
+            raise OutputError(f"{path} is not a zoo report (no model/library/status columns); "
+                              f"use another --out or delete it")
+        return list(reader)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+
+
+def coverage(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per library: models, count per status, median and max conversion seconds (converted rows)."""
+    out: dict[str, dict[str, Any]] = {}
+    for library in sorted({r["library"] for r in rows}):
+        mine = [r for r in rows if r["library"] == library]
+        seconds = [float(r["convert_seconds"]) for r in mine if r.get("convert_seconds")]
+        out[library] = {"models": len(mine), **{s: sum(r["status"] == s for r in mine) for s in STATUSES},
+                        "median_s": statistics.median(seconds) if seconds else None,
+                        "max_s": max(seconds) if seconds else None}
+    return out
+
+
+def _ratio(after: Any, before: Any) -> str:
+    return f"{int(after) / int(before):.2f}x" if str(before).isdigit() and int(before) and str(after).isdigit() else ""
+
+
+def markdown(rows: Sequence[dict[str, Any]], options: ZooOptions | None = None) -> str:
+    """The coverage summary and one line per model, as a markdown document."""
+    lines = ["# lnconvert zoo report", ""]
+    if options is not None:
+        lines += [f"Options: drop_bn={options.drop_bn}, policy={options.policy}, residual={options.residual}, "
+                  f"input size {options.input_size or 'first of ' + '/'.join(map(str, SIZE_LADDER))}, "
+                  f"ONNX {'checked' if options.onnx else 'not checked'}; BN statistics randomised.", ""]
+    lines += ["| library | models | exact | partial | failed | median s | max s |", "|---|---|---|---|---|---|---|"]
+    for library, c in coverage(rows).items():
+        seconds = [f"{c[k]:.2f}" if c[k] is not None else "-" for k in ("median_s", "max_s")]
+        lines.append(f"| {library} | {c['models']} | {c['exact']} | {c['partial']} | {c['failed']} | "
+                     f"{seconds[0]} | {seconds[1]} |")
+    lines += ["", "| model | input | traced | BN before -> after (folded/affine/kept) | act linked/skipped | "
+                  "widened | boundaries slice/gate | params x | MACs x | max rel (float32 floor) | ONNX max rel | s | status |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = lambda k: r.get(k, "")  # noqa: E731
+        status = g("status") + (f" ({g('error_class')})" if g("error_class") else "")
+        detail = "; ".join(x for x in (g("reason"), g("note")) if x).replace("|", "/")
+        lines.append(
+            f"| {g('model')} | {g('input_size')} | {g('traced')} | {g('bn_before')} -> {g('bn_after')} "
+            f"({g('bn_folded')}/{g('bn_affine')}/{g('bn_kept')}) | {g('act_linked')}/{g('act_skipped')} | "
+            f"{g('consumers_widened')} | {g('boundaries_slice')}/{g('boundaries_gate')} | "
+            f"{_ratio(g('params_after'), g('params_before'))} | {_ratio(g('macs_after'), g('macs_before'))} | "
+            f"{g('max_rel_error')}{f' ({fl})' if (fl := g('float32_floor')) else ''} | {g('onnx_max_rel')} | {g('convert_seconds')} | "
+            f"{status}{': ' + detail if detail else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_zoo(models: Sequence[str], options: ZooOptions, *, out: str | Path = "zoo-report", jobs: int = 1,
+            rerun: bool = False, console=None) -> list[dict[str, Any]]:
+    """Convert ``models`` (``library/name``), ``jobs`` subprocesses at a time, into ``out``.csv/.md.
+
+    Models already in the CSV are skipped unless ``rerun``; the CSV and markdown are rewritten
+    atomically after every model. Returns all rows (old and new) in CSV order.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    csv_path, md_path = Path(f"{out}.csv"), Path(f"{out}.md")
+    rows = {r["model"]: r for r in read_rows(csv_path)}
+    todo = [m for m in models if rerun or m not in rows]
+    counts = {s: sum(r["status"] == s for r in rows.values()) for s in STATUSES}
+
+    def describe() -> str:
+        return " ".join(f"{s} {n}" for s, n in counts.items())
+
+    with Progress(TextColumn("zoo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=False) as progress, \
+            ThreadPoolExecutor(max_workers=jobs) as pool:
+        task = progress.add_task(describe(), total=len(todo))
+        running: set[subprocess.Popen] = set()
+        futures = {pool.submit(run_child, m, options, running): m for m in todo}
+        try:
+            for future in as_completed(futures):
+                row = future.result()
+                rows[row["model"]] = row
+                counts[row["status"]] += 1
+                write_csv(list(rows.values()), csv_path)
+                md_path.write_text(markdown(list(rows.values()), options))
+                progress.update(task, advance=1, description=f"{describe()} | last: {row['model']} {row['status']}")
+        except BaseException:
+            for future in futures:  # queued models never start
+                future.cancel()
+            for process in list(running):
+                process.kill()
+            raise
+    if not todo:
+        md_path.write_text(markdown(list(rows.values()), options))
+    return list(rows.values())
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(child_main(sys.argv[1:]))
+    except LnConvertError as exc:  # a bad argument to the child (the parent never sends one)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
