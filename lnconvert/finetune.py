@@ -57,7 +57,11 @@ class TwinSplit(nn.Module):
 
 
 def _isin(size: int, twins: torch.Tensor) -> torch.Tensor:
-    return torch.isin(torch.arange(size, device=twins.device), twins)
+    """Boolean mask of length ``size``, True at ``twins`` (a lookup table: ``torch.isin`` over
+    every weight entry took 0.1 s per resnet18 conv)."""
+    mask = torch.zeros(size, dtype=torch.bool, device=twins.device)
+    mask[twins] = True
+    return mask
 
 
 def twin_masks(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
@@ -73,7 +77,7 @@ def twin_masks(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
         out, per_group = module.weight.shape[:2]
         group_of_row = torch.arange(out) // (out // module.groups)
         physical = group_of_row[:, None] * per_group + torch.arange(per_group)[None, :]
-        mask = torch.isin(physical, twins.cpu())
+        mask = _isin(module.in_channels, twins.cpu())[physical]
         if (mask == mask[:1]).all():  # the usual case: every row has the same twin columns
             return {"weight": (mask[0], 1)}
         return {"weight": (mask, 0)}
