@@ -34,3 +34,13 @@ def linked(result) -> list[dict]:
 
 def modules_of(gm, kind) -> list:
     return [m for m in gm.modules() if type(m) is kind]
+
+
+TINY = "tests.helpers:tiny_net"  # a module:callable model source, so the CLI and saved specs can name it
+
+
+def tiny_net() -> nn.Module:
+    """Dense and depthwise convs with BN, a linked ReLU and Hardswish, a pooled linear head (3x16x16 in)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.Hardswish(),
+                         nn.Conv2d(8, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))

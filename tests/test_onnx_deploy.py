@@ -5,7 +5,6 @@ import warnings
 import onnx
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 import lnconvert
@@ -14,16 +13,9 @@ from lnconvert.errors import UsageError
 from lnconvert.export import export_onnx, optimize_onnx, verify_onnx
 
 from .conftest import prepared
+from .helpers import TINY, tiny_net
 
-TINY = "tests.test_onnx_deploy:tiny_net"  # a module:callable model source, so the CLI can name it
 SIZE = (3, 16, 16)
-
-
-def tiny_net() -> nn.Module:
-    """Dense and depthwise convs with BN, a linked ReLU and Hardswish, a pooled linear head."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.Hardswish(),
-                         nn.Conv2d(8, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
 
 
 @pytest.fixture(scope="module")
