@@ -109,12 +109,27 @@ def split_twins(model: nn.Module) -> nn.Module:
     return model
 
 
+def _own_parametrized_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of its generated ``Parametrized<X>`` class.
+
+    ``copy.deepcopy`` shares that class between a model and its copies, and
+    ``remove_parametrizations`` deletes the weight's property from the class: merging a copy
+    would otherwise break the original ("'ParametrizedConv2d' object has no attribute 'weight'").
+    """
+    cls = module.__class__
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def merge_twins(model: nn.Module) -> nn.Module:
-    """Undo :func:`split_twins` in place: plain weights holding the current values."""
+    """Undo :func:`split_twins` in place: plain weights holding the current values. Safe on a
+    deep copy of a split model (the original stays split and working)."""
     for module in model.modules():
-        for name in list(getattr(module, "parametrizations", {}) or {}):
-            if _is_split(module, name):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        names = [n for n in list(getattr(module, "parametrizations", {}) or {}) if _is_split(module, n)]
+        if names:
+            _own_parametrized_class(module)
+        for name in names:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return model
 
 

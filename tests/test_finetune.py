@@ -1,4 +1,6 @@
 """Fine-tuning API: twin parameter groups, split/merge, dead units."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -140,6 +142,24 @@ def test_split_state_dict_round_trips_and_saves_merged(converted, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(gm(x), y, rtol=0, atol=0)
         torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+
+
+def test_merging_a_deep_copy_leaves_the_split_original_working(converted):
+    """deepcopy shares torch's generated Parametrized<X> classes; merging the copy (e.g. to
+    export it) must not strip the original's weight properties."""
+    net, gm, report, x = converted
+    lnconvert.split_twins(gm)
+    with torch.no_grad():
+        y = gm(x)
+    export_copy = lnconvert.merge_twins(copy.deepcopy(gm))
+    assert not any(isinstance(m, TwinSplit) for m in export_copy.modules())
+    assert any(isinstance(m, TwinSplit) for m in gm.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(export_copy(x), y, rtol=0, atol=0)
+    lnconvert.merge_twins(gm)  # the original still merges too
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), y, rtol=0, atol=0)
 
 
 class KnownDead(nn.Module):

@@ -14,7 +14,7 @@ from ..analysis import DeadUnits, dead_units
 from ..compact import compact
 from ..convert import ConversionResult, convert
 from ..errors import ParityError
-from ..finetune import param_groups, plain_state_dict
+from ..finetune import merge_twins, param_groups
 from ..io import save, spec_for
 from ..models import load_model, load_weights
 from .config import RecipeError, fingerprint
@@ -88,10 +88,7 @@ def _compact_stage(result: ConversionResult, tuned: nn.Module, data: Data, spec:
     the original), calibrated on the first ``spec["calibration"]`` training images; test
     accuracy and MACs per target, next to the fine-tuned model's."""
     finetuned = copy.copy(result)
-    # plain weights (compaction moves columns); not merge_twins on a deepcopy: parametrized copies
-    # share their generated class with the original, and un-parametrizing one breaks the other
-    finetuned.model = copy.deepcopy(result.model)
-    finetuned.model.load_state_dict(plain_state_dict(tuned))
+    finetuned.model = merge_twins(copy.deepcopy(tuned))  # plain weights: compaction moves columns
     calibration, seen = [], 0
     for x, _ in ordered_batches(data.train, 256):
         if seen >= spec["calibration"]:
