@@ -13,7 +13,6 @@ import math
 import operator
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 
 from .analysis import normalize_dim, shape_of
@@ -225,14 +224,13 @@ def _flatten(gm, node, carried, rule, plan, options) -> None:
     plan.flattens[node.name] = d
 
 
-def _split_sizes(node: fx.Node, channels: int) -> list[int] | None:
-    amount = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
-    if isinstance(amount, (list, tuple)):
-        return list(amount)
-    if not isinstance(amount, int) or amount <= 0:
+def _split_sizes(node: fx.Node, dim: int) -> list[int] | None:
+    """Piece widths along ``dim`` from the traced shapes: sizes computed in ``forward``
+    (``split(x, [k, x.shape[1] - k])``) are graph values, known only once shapes are."""
+    pieces = node.meta.get("tensor_meta")
+    if not isinstance(pieces, (list, tuple)) or not all(hasattr(p, "shape") for p in pieces):
         return None
-    size = -(-channels // amount) if node.target in ("chunk", torch.chunk) else amount
-    return [size] * (channels // size) + ([channels % size] if channels % size else [])
+    return [p.shape[dim] for p in pieces]
 
 
 def _split(gm, node, carried, rule, plan, options) -> None:
@@ -243,7 +241,7 @@ def _split(gm, node, carried, rule, plan, options) -> None:
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     if in_shape is None or normalize_dim(dim, len(in_shape)) != layout.dim:
         return plan.boundary(node, carried[0], "splits another axis")
-    sizes = _split_sizes(node, layout.channels)
+    sizes = _split_sizes(node, layout.dim)
     pieces = list(node.users)
     if sizes is None or not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in pieces):
         return plan.boundary(node, carried[0], "split whose pieces are not indexed directly")

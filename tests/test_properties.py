@@ -1,0 +1,143 @@
+"""Property-based tests: random CNNs (tests/random_nets.py) under sampled conversion options.
+
+For every generated network and option set, the conversion must either be exact (checked
+here independently of the report, in float64 and float32, on the verification batch and on
+a fresh one) or ``partial`` with its reason; any exception fails the test. The input model
+(weights and every module's training flag) must be unchanged, and width never compounds:
+each linked activation reads its original width and every consumer at most twice it.
+
+Profiles: ``ci`` (default run, derandomized, so every CI run tries the same examples) and
+``slow`` (``-m slow``: many more, random). Counterexamples found and fixed are kept below
+as explicit ``@example``s.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lnconvert
+from lnconvert.analysis import shape_of
+from lnconvert.nn import LinkedActivation
+from lnconvert.rules import ABSORB_MODULES
+
+from .helpers import state_copy
+from .random_nets import INPUT_SHAPE, build, networks
+
+CI_EXAMPLES = 50
+settings.register_profile("ci", max_examples=CI_EXAMPLES, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("slow", parent=settings.get_profile("ci"), max_examples=400, derandomize=False)
+
+OPTIONS = [
+    {"policy": policy, "residual": residual, "drop_bn": drop_bn}
+    for policy in ("mirror", "minmax") for residual in ("slice", "gate") for drop_bn in (True, False)
+] + [{"link": False}, {"activations": ["relu", "silu"]}]
+option_sets = st.lists(st.sampled_from(OPTIONS), min_size=1, max_size=2, unique_by=repr)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convs run several times faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _inputs(seed: int) -> torch.Tensor:
+    return torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_same_function(original: nn.Module, converted: nn.Module, inputs: list[torch.Tensor]) -> None:
+    """Outputs agree within 1e-5 of max(1, max|y|) in float64 and 1e-4 in float32."""
+    wide_original, wide_converted = copy.deepcopy(original).double(), copy.deepcopy(converted).double()
+    with torch.no_grad():
+        for x in inputs:
+            expected, got = wide_original(x.double()), wide_converted(x.double())
+            scale = max(1.0, float(expected.abs().max()))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+            torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-4 * scale)
+
+
+def _input_width(gm, node) -> int:
+    dim = gm.get_submodule(node.target).dim if isinstance(gm.get_submodule(node.target), LinkedActivation) else 1
+    shape = shape_of(node.args[0])
+    return shape[-1] if isinstance(gm.get_submodule(node.target), nn.Linear) else shape[dim]
+
+
+def _assert_width_never_compounds(result, plain) -> None:
+    """Against the same conversion without linking (same node names): every linked activation
+    reads its original width and doubles it; every absorbing consumer reads at most 2x."""
+    gm, reference = result.model, {n.name: n for n in plain.model.graph.nodes}
+    linked = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, LinkedActivation):
+            linked += 1
+            width = _input_width(gm, node)
+            assert width == shape_of(reference[node.name])[module.dim], f"{node.name} reads a linked tensor"
+            assert shape_of(node)[module.dim] == 2 * width
+        elif isinstance(module, tuple(ABSORB_MODULES)):
+            before = _input_width(plain.model, reference[node.name])
+            assert before <= _input_width(gm, node) <= 2 * before, f"{node.name}: width compounded"
+    assert linked == sum(a["action"] == "linked" for a in result.report.activations)
+
+
+def check_random_network(spec: dict, options_list: list[dict], training: bool) -> None:
+    net = build(spec)
+    net.train(training)
+    before, flags = state_copy(net), [m.training for m in net.modules()]
+    x = _inputs(1)
+    kept_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in net.modules())
+    for options in options_list:
+        result = lnconvert.convert(net, example_inputs=x, **options)
+        report = result.report
+        if options.get("drop_bn", True) and kept_bn:  # BN using batch statistics cannot be removed
+            assert report.status == "partial" and "BatchNorm kept" in report.status_reasons[0]
+        else:
+            assert report.status == "exact" and not report.status_reasons
+            if options.get("drop_bn", True):
+                assert not lnconvert.remaining_batchnorm(result.model)
+        assert ("training mode" in " ".join(report.warnings)) == training
+        assert result.model.training == training
+        net.eval()
+        _assert_same_function(net, result.model.eval(), [x, _inputs(2)])
+        net.train(training)
+        if options.get("link", True):
+            plain = lnconvert.convert(net, example_inputs=x, verify=False, **{**options, "link": False})
+            _assert_width_never_compounds(result, plain)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "input model was modified"
+    assert [m.training for m in net.modules()] == flags, "input model's training flags were changed"
+
+
+@settings(settings.get_profile("ci"))
+@given(spec=networks(), options_list=option_sets, training=st.booleans())
+def test_random_networks_convert_exactly_or_report_why(spec, options_list, training):
+    check_random_network(spec, options_list, training)
+
+
+@pytest.mark.slow
+@settings(settings.get_profile("slow"))
+@given(spec=networks(max_blocks=6), options_list=option_sets, training=st.booleans())
+def test_random_networks_many(spec, options_list, training):
+    check_random_network(spec, options_list, training)
+
+
+# ---------------------------------------------------------------- regressions found by the properties
+def test_split_with_sizes_computed_in_forward():
+    """``torch.split(x, [k, x.shape[1] - k])``: a size is a graph value, not an int (was a TypeError)."""
+    spec = {"stem": {"kind": "conv", "out": 3, "k": 1, "stride": 1, "groups": "1", "bn": "after", "bias": False,
+                     "act": ("relu", "module")},
+            "blocks": [{"kind": "split", "act": ("celu", "module"), "depthwise": False, "how": "split"}],
+            "head": {"kind": "gap"}, "bn_stats": True}
+    check_random_network(spec, [{"policy": "mirror", "residual": "slice", "drop_bn": True}], training=False)
+    result = lnconvert.convert(build(spec), example_inputs=_inputs(1))
+    assert [a["action"] for a in result.report.activations] == ["linked", "linked"]
