@@ -11,6 +11,7 @@ from lnconvert.passes.widen import read_columns, write_columns
 from lnconvert.verify import parity
 
 from .conftest import prepared
+from .helpers import tiny_net
 from .test_passes import Residual
 
 
@@ -31,7 +32,8 @@ def test_fresh_conversion_compacts_back_to_the_original_cost(name):
 
 
 def _fine_tune_twins(model: nn.Module, fraction: float, seed: int = 0) -> None:
-    """Stand-in for fine-tuning: give a random subset of twin columns non-zero weights."""
+    """Stand-in for fine-tuning: give a random subset of twin columns of dense convs / linears
+    (and of residual gates) non-zero weights; grouped convs keep zero twin weights."""
     gen = torch.Generator().manual_seed(seed)
     for node in model.graph.nodes:
         layout = node.meta.get("lnc_in_layout")
@@ -41,7 +43,7 @@ def _fine_tune_twins(model: nn.Module, fraction: float, seed: int = 0) -> None:
         if isinstance(module, GatedMerge):
             module.gate.data = torch.randn(module.gate.shape, generator=gen) * (torch.rand(
                 module.gate.shape, generator=gen) < fraction)
-        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+        elif isinstance(module, (nn.Conv2d, nn.Linear)) and getattr(module, "groups", 1) == 1:
             primary, twin = read_columns(module, layout)
             chosen = torch.rand(layout.channels, generator=gen) < fraction
             shape = [1, -1] + [1] * (twin.dim() - 2)
@@ -149,3 +151,18 @@ def test_dead_units_counts_a_compacted_activation():
     assert list(compacted.twins.values()) == [[0]]
     row = dead_units(compacted.model, [x])[0]
     assert row.units == 4 and row.dead <= row.primary_dead
+
+
+def test_compacted_model_exports_to_onnx_with_parity_to_the_uncompacted_model(tmp_path):
+    from lnconvert.export import export_onnx, verify_onnx
+
+    model, x = prepared(tiny_net(), shape=(2, 3, 16, 16))  # dense and depthwise consumers
+    result = lnconvert.convert(model, example_inputs=x)
+    _fine_tune_twins(result.model, fraction=0.5)  # a twin subset survives: LinkedActivation(twin_channels=...)
+    compacted = compact(result)
+    assert any(isinstance(m, LinkedActivation) and m.subset for m in compacted.model.modules())
+    assert compacted.report.max_rel_deviation <= 1e-12
+    path = export_onnx(compacted.model, tmp_path / "c.onnx", example_inputs=(x,))
+    rows = verify_onnx(path, result.model, batch_sizes=(1, 4))  # reference: the model before compaction
+    assert rows and all(r.ok for r in rows), rows
+    assert max(r.max_rel for r in rows) < 1e-4
