@@ -209,7 +209,7 @@ def rebuild(conversion: ConversionResult, twins: dict[str, list[int]]) -> fx.Gra
     new = convert(conversion.source, drop_bn=options.drop_bn, link=options.link, policy=options.policy,
                   activations=options.activations, residual=options.residual,
                   example_inputs=conversion.example_inputs, verify=False, leaf_modules=options.leaf_modules,
-                  twins=twins).model
+                  twins=twins, norm=options.norm).model
     _move_weights(conversion.model, new)
     return new.train(conversion.model.training)
 
