@@ -39,10 +39,42 @@ def _timed(report: ConversionReport, name: str) -> Iterator[None]:
     report.pass_seconds[name] = report.pass_seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _check_finite(model: nn.Module) -> None:
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Refuse, naming the culprit, what cannot be converted exactly: quantized modules,
+    half-precision weights (folding rounds them by ~1e-3, far above any tolerance) and NaN/Inf."""
+    for name, module in model.named_modules():
+        where = type(module).__module__
+        if where.startswith("torch.") and ".quantized" in where:
+            raise UnsupportedModelError(f"module '{name}' is quantized ({type(module).__name__}); "
+                                        f"convert the floating-point model, then quantize the result")
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.dtype in _LOW_PRECISION:
+            raise UnsupportedModelError(f"parameter '{name}' is {str(tensor.dtype).removeprefix('torch.')}; convert "
+                                        f"the float32 model (model.float()) and cast the result back afterwards")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UnsupportedModelError(f"parameter '{name}' contains NaN or Inf; refusing to convert")
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    return any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters())
+
+
+def _check_inputs(inputs: tuple[torch.Tensor, ...], what: str) -> None:
+    empty = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor) and t.numel() == 0]
+    if empty:
+        raise UsageError(f"{what} of shape {empty[0]} have no elements; conversion and verification need at least "
+                         f"one sample")
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line`` of the error itself: torch.fx's ShapeProp wraps the real one."""
+    cause = exc.__cause__ if "ShapeProp error" in str(exc) and exc.__cause__ is not None else exc
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -110,13 +142,14 @@ def convert(
         raise UsageError(f"expected an nn.Module, got {type(model).__name__}")
     report = ConversionReport(model=name or type(model).__name__, options=options.to_dict(),
                               lnconvert_version=__version__, tolerance=tolerance)
-    _check_finite(model)
+    _check_supported(model)
     if model.training:
         report.warnings.append("model was in training mode: converted and verified in eval mode")
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     inputs = _as_tuple(example_inputs) if example_inputs is not None else \
         default_example_inputs(model, input_size=tuple(input_size) if input_size else None, dtype=dtype)
+    _check_inputs(inputs, "example inputs")
     ctx = PassContext(options, report, inputs)
 
     with _timed(report, "trace"):
@@ -126,8 +159,7 @@ def convert(
             propagate_shapes(gm, inputs)
         except Exception as exc:
             raise UsageError(f"the model does not run on inputs of shape "
-                             f"{[tuple(t.shape) for t in inputs]}: {type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+                             f"{[tuple(t.shape) for t in inputs]}: {_first_line(exc)}") from exc
         report.params_before, report.macs_before = count_params(gm), count_macs(gm)
     with _timed(report, "decompose_normact"):
         gm = passes.decompose_normact.run(gm, ctx)
@@ -187,6 +219,8 @@ def convert(
             report.status = "changed"
             report.status_reasons.append(f"LCW projection changes the function by design: max rel deviation "
                                          f"{report.lcw_deviation:.2e}; fine-tune to recover")
+    if _is_channels_last(model):  # rewritten weights are contiguous: give back the caller's memory format
+        gm = gm.to(memory_format=torch.channels_last)
     gm.train(model.training)  # hand back the caller's mode
     return ConversionResult(gm, report, model, options, inputs)
 

@@ -7,6 +7,7 @@ import torch
 from torch import fx, nn
 
 from ..analysis import call_site_counts, own_module, shape_of
+from ..errors import UnsupportedModelError
 from ..nn import ChannelAffine
 from ..options import PassContext
 from ..rules import BATCHNORM_MODULES, CONV_MODULES, CONV_TRANSPOSE_MODULES
@@ -45,6 +46,16 @@ def fold_into(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn
     folded.weight = nn.Parameter(new_weight, requires_grad=module.weight.requires_grad)
     folded.bias = nn.Parameter((old_bias * scale + shift).to(weight.dtype))
     return folded
+
+
+def _require_finite(bn_name: str, module: nn.Module) -> nn.Module:
+    """A zero ``running_var + eps``, or a scale beyond the weights' dtype, folds into Inf/NaN."""
+    for name, value in module.named_parameters():
+        if not torch.isfinite(value).all():
+            raise UnsupportedModelError(f"folding BatchNorm '{bn_name}' gives a non-finite {name} (running_var + eps "
+                                        f"is 0 or the scale overflows {str(value.dtype).removeprefix('torch.')}); "
+                                        f"fix its statistics or keep it (--keep-bn)")
+    return module
 
 
 def _foldable_module(gm: fx.GraphModule, producer: fx.Node, channels: int) -> nn.Module | None:
@@ -111,8 +122,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if producers:
             for producer, module, start in producers:
                 width = module.out_channels if hasattr(module, "out_channels") else module.out_features
-                own_module(gm, producer, fold_into(module, scale[start:start + width], shift[start:start + width]),
-                           "folded")
+                folded = fold_into(module, scale[start:start + width], shift[start:start + width])
+                own_module(gm, producer, _require_finite(node.target, folded), "folded")
                 producer.meta[FOLDED_BN] = node.target
             ctx.report.bn(node.target, "folded", "into " + ", ".join(p.target for p, _, _ in producers))
             node.replace_all_uses_with(node.args[0])
@@ -121,7 +132,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             affine = ChannelAffine(scale.to(bn.running_var.dtype), shift.to(bn.running_var.dtype))
             ctx.report.bn(node.target, "affine", "producer is not a conv/linear used only here"
                           if sites[node.target] == 1 else "shared BN module, per call site")
-            own_module(gm, node, affine, "affine")
+            own_module(gm, node, _require_finite(node.target, affine), "affine")
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
