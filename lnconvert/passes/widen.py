@@ -31,9 +31,10 @@ def read_columns(module: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch
     return _gather(module, weight, primary), _gather(module, weight, twin)
 
 
-def write_columns(module: nn.Module, layout: Layout, primary_w: torch.Tensor, twin_w: torch.Tensor) -> nn.Module:
+def write_columns(module: nn.Module, layout: Layout, primary_w: torch.Tensor,
+                  twin_w: torch.Tensor | None) -> nn.Module:
     """Copy of a conv / transposed conv / linear reading ``layout``, whose columns for each
-    logical channel's primary and twin are ``primary_w`` and ``twin_w``."""
+    logical channel's primary and twin are ``primary_w`` and ``twin_w`` (None: zero)."""
     weight = module.weight.detach()
     wide = copy.deepcopy(module)
     if isinstance(module, nn.Linear):
@@ -46,6 +47,8 @@ def write_columns(module: nn.Module, layout: Layout, primary_w: torch.Tensor, tw
         new = weight.new_zeros(weight.shape[0], layout.width // module.groups, *weight.shape[2:])
         wide.in_channels = layout.width
     for index, values in ((layout.primary, primary_w), (layout.twin, twin_w)):
+        if values is None:  # the new weight is already zero
+            continue
         columns = _column_index(wide, layout, index)
         keep = columns[1] >= 0 if isinstance(columns, tuple) else columns >= 0
         _scatter(wide, new, columns, values, keep)
@@ -96,6 +99,9 @@ def _scatter(module: nn.Module, new: torch.Tensor, columns, values: torch.Tensor
         new[:, columns[keep]] = values[:, keep]
     elif isinstance(module, CONV_TRANSPOSE_MODULES):
         new[columns[keep]] = values[keep]
+    elif module.groups == 1:  # every row reads the same columns: one column copy, not a per-row scatter
+        local = columns[1][0]
+        new[:, local[keep[0]]] = values[:, keep[0]]
     else:
         rows, local = columns
         rows = rows.expand_as(local)
@@ -106,7 +112,7 @@ def widen_input(module: nn.Module, layout: Layout) -> nn.Module:
     """Copy of a conv / transposed conv / linear reading ``layout``: each primary's weights
     are the original ones, every twin's weights are zero."""
     original = module.weight.detach()
-    return mark_twins(write_columns(module, layout, original, torch.zeros_like(original)), layout)
+    return mark_twins(write_columns(module, layout, original, None), layout)
 
 
 def widen_channel_params(module: nn.Module, layout: Layout) -> nn.Module:
