@@ -129,21 +129,51 @@ def select_models(names: Iterable[str] = (), *, torchvision: bool = False, timm_
 
 # -- one model (runs in the child process) ------------------------------------------------------
 
-def _run_size(model, channels: int, options: ZooOptions) -> int:
-    """The input side used: ``options.input_size``, else the first ladder size the model runs at."""
+def _runs_at(model, channels: int, side: int) -> bool:
+    """Whether ``model`` runs on a side x side input in train mode (auxiliary heads, as
+    randomize_batchnorm runs it) and in eval mode."""
     import torch
 
-    sides = (options.input_size,) if options.input_size else SIZE_LADDER
-    last: Exception | None = None
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            for training in (True, False):
+                model.train(training)
+                model(torch.zeros(2, channels, side, side))
+        return True
+    except Exception:  # too small for this architecture
+        return False
+    finally:
+        model.train(was_training)
+
+
+def _configured_side(name: str, model) -> tuple[int, int]:
+    """(channels, side) the model was made for: timm's pretrained_cfg, torchvision's weights
+    transforms (inception_v3: 299), else 3 x 224."""
+    from .trace import example_input_size
+
+    channels, *sides = example_input_size(model)
+    library, _, arch = name.partition("/")
+    if library == "torchvision":
+        import torchvision
+
+        crop = torchvision.models.get_model_weights(arch).DEFAULT.transforms.keywords.get("crop_size", 224)
+        sides = [crop]
+    return channels, max(sides)
+
+
+def _run_size(name: str, model, options: ZooOptions) -> tuple[int, int]:
+    """(channels, side) of the input used: ``options.input_size``, else the first of SIZE_LADDER
+    (below the model's configured size, then that size) the model runs at."""
+    channels, configured = _configured_side(name, model)
+    if options.input_size:
+        sides = [options.input_size]
+    else:
+        sides = [s for s in SIZE_LADDER if s < configured] + [configured]
     for side in sides:
-        try:
-            with torch.no_grad():
-                model(torch.zeros(1, channels, side, side))
-            return side
-        except Exception as exc:  # too small for this architecture: try the next size
-            last = exc
-    raise UsageError(f"the model does not run at input sizes {list(sides)}: {type(last).__name__}: "
-                     f"{str(last).strip().splitlines()[0] if str(last).strip() else ''}")
+        if _runs_at(model, channels, side):
+            return channels, side
+    raise UsageError(f"the model does not run at input sizes {sides} (train and eval mode)")
 
 
 def _count_batchnorm(model) -> int:
@@ -182,6 +212,21 @@ def _onnx_max_rel(result, original) -> tuple[float, bool]:
     return max(r.max_rel for r in rows), all(r.ok for r in rows)
 
 
+def _float64_conversion(model, x, options: ZooOptions) -> str:
+    """Tells float32 weight rounding (amplified by an ill-conditioned model) from a wrong graph:
+    the same conversion of a float64 copy, whose folded weights are not rounded to float32."""
+    import copy
+
+    from .convert import convert
+    from .verify import compare
+
+    wide = copy.deepcopy(model).double()
+    result = convert(wide, drop_bn=options.drop_bn, policy=options.policy, residual=options.residual,
+                     example_inputs=x.double(), verify=False)
+    worst = max(p.max_rel for p in compare(wide, result.model, [("random", (x.double(),))], tolerance=1.0))
+    return f"a float64 copy converts to max rel {worst:.1e}"
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -195,16 +240,13 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
     from .errors import ParityError, TraceError
     from .models import load_model
     from .testing import randomize_batchnorm
-    from .trace import example_input_size
-
     torch.set_num_threads(options.threads)
     row: dict[str, Any] = {"model": name, "library": name.partition("/")[0], "status": "failed"}
     try:
         torch.manual_seed(0)  # the architecture's own random init, the same every run
         model = load_model(name)
         row["bn_before"] = _count_batchnorm(model)
-        channels = example_input_size(model)[0]
-        side = _run_size(model, channels, options)
+        channels, side = _run_size(name, model, options)
         row["input_size"] = f"{channels}x{side}x{side}"
         generator = torch.Generator().manual_seed(0)
         randomize_batchnorm(model, torch.randn(4, channels, side, side, generator=generator))
@@ -229,6 +271,7 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
             row["traced"] = "yes"
             if exc.report is not None:
                 row.update(_report_columns(exc.report))
+            row["reason"] += f"; {_float64_conversion(model, x, options)}"
         elif "can't allocate memory" in str(exc) or isinstance(exc, MemoryError):
             row["error_class"] = "MemoryError"
     if row.get("bn_before") == 0 and options.drop_bn:
