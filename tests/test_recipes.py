@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import lnconvert
 from lnconvert.cli import app
-from lnconvert.nn import LinkedActivation
+from lnconvert.nn import DeepControl2d, LinkedActivation, NormPropConv2d, ReLURenorm, is_lcw
 from lnconvert.recipes import RecipeError, load_recipe, load_result, run_recipe
 from lnconvert.recipes.data import build_data
 from lnconvert.recipes.nets import DigitsResNet, plain_deep_net
@@ -127,12 +127,28 @@ def test_plain_deep_net_structure():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in bn.modules()) == 3 and bn.conv1.bias is None
 
 
+def test_plain_deep_net_normalisation_variants():
+    x = torch.randn(2, 1, 32, 32)
+    normprop = plain_deep_net("normprop", depth=2, input_stats=(0.5, 2.0))
+    assert sum(isinstance(m, NormPropConv2d) for m in normprop.modules()) == 3
+    assert sum(isinstance(m, ReLURenorm) for m in normprop.modules()) == 3
+    assert torch.equal(normprop.standardize(x), (x - 0.5) / 2.0)
+    control = plain_deep_net("deep_control", depth=2)
+    assert sum(isinstance(m, DeepControl2d) for m in control.modules()) == 3
+    sigmoid = plain_deep_net("lcw_sigmoid", depth=2)
+    convs = [m for m in sigmoid.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 and all(is_lcw(c) and c.weight.flatten(1).sum(1).abs().max() < 1e-6 for c in convs)
+    assert not is_lcw(sigmoid.dense) and sum(isinstance(m, nn.Sigmoid) for m in sigmoid.modules()) == 3
+    for net in (normprop, control, sigmoid):
+        assert net(x).shape == (2, 10)
+
+
 def test_depth_recipe_reduced(tmp_path):
     metrics = run_recipe(RECIPES / "depth50-digits.yaml", out=tmp_path, console=QUIET, overrides=[
         "threads=1", "model.depth=3", "data.size=16", "data.max_train=96", "data.max_test=64", "train.epochs=1",
-        "variants=[relu, linked_relu, relu_bn, normprop]"])
-    assert [r["variant"] for r in metrics["variants"]] == ["relu", "linked_relu", "relu_bn"]
-    assert set(metrics["pending"]) == {"normprop"}
+        "variants=[relu, linked_relu, relu_bn, normprop, deep_control, lcw_sigmoid]"])
+    assert [r["variant"] for r in metrics["variants"]] == ["relu", "linked_relu", "relu_bn", "normprop",
+                                                           "deep_control", "lcw_sigmoid"]
     assert all(r["layers"] == 4 and 0 <= r["test_accuracy"] <= 1 for r in metrics["variants"])
     linked = next(r for r in metrics["variants"] if r["variant"] == "linked_relu")
     assert linked["dead_fraction"] == 0.0  # a linked pair is dead only when its input is exactly 0

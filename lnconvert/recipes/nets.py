@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..nn import LinkedActivation
+from ..nn import DeepControl2d, LinkedActivation, NormPropConv2d, ReLURenorm, lcw
 from .config import RecipeError
 
 
@@ -57,36 +57,64 @@ def _act(base: Callable[[int], nn.Module], linked: bool) -> Callable[[int], tupl
     return make
 
 
-VARIANTS: dict[str, tuple[Callable[[int], tuple[nn.Module, int]], bool]] = {  # name -> (activation, BN)
-    "relu": (_act(lambda c: nn.ReLU(), False), False),
-    "prelu": (_act(lambda c: nn.PReLU(c), False), False),
-    "silu": (_act(lambda c: nn.SiLU(), False), False),
-    "selu": (_act(lambda c: nn.SELU(), False), False),
-    "linked_relu": (_act(lambda c: nn.ReLU(), True), False),
-    "linked_selu": (_act(lambda c: nn.SELU(), True), False),
-    "relu_bn": (_act(lambda c: nn.ReLU(), False), True),
+_RELU = _act(lambda c: nn.ReLU(), False)
+# name -> (activation, normalisation: None | "bn" | "normprop" | "deep_control" | "lcw"; papers.md)
+VARIANTS: dict[str, tuple[Callable[[int], tuple[nn.Module, int]], str | None]] = {
+    "relu": (_RELU, None),
+    "prelu": (_act(lambda c: nn.PReLU(c), False), None),
+    "silu": (_act(lambda c: nn.SiLU(), False), None),
+    "selu": (_act(lambda c: nn.SELU(), False), None),
+    "linked_relu": (_act(lambda c: nn.ReLU(), True), None),
+    "linked_selu": (_act(lambda c: nn.SELU(), True), None),
+    "relu_bn": (_RELU, "bn"),
+    "normprop": (_RELU, "normprop"),          # NormPropConv2d -> ReLU -> ReLURenorm, inputs standardised once
+    "deep_control": (_RELU, "deep_control"),  # conv -> DeepControl2d -> ReLU
+    "lcw_sigmoid": (_act(lambda c: nn.Sigmoid(), False), "lcw"),  # zero-sum (LCW) convs, sigmoid
 }
-# Normalisation strategies of papers.md built in another branch: reported as pending here.
-PENDING = {"normprop": "NormProp", "deep_control": "Deep Control", "lcw_sigmoid": "LCW + sigmoid"}
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with fixed training-set statistics (NormProp standardises its
+    inputs once; the other variants see the data as it is)."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 def plain_deep_net(variant: str, depth: int = 50, width: int = 4, in_channels: int = 1, num_classes: int = 10,
-                   input_size: int = 32, stem_kernel: int = 7, stem_stride: int = 2) -> nn.Sequential:
+                   input_size: int = 32, stem_kernel: int = 7, stem_stride: int = 2,
+                   input_stats: tuple[float, float] = (0.0, 1.0)) -> nn.Sequential:
     """The paper's plain net: a ``stem_kernel`` / ``stem_stride`` conv, ``depth`` 3x3 convs of
-    ``width`` filters, each followed by the activation (BN before it for ``relu_bn``), then a
-    dense layer on the flattened maps. Glorot-uniform weights, zero biases (Keras defaults,
-    as in the paper). Linked variants double the channels each consumer reads."""
+    ``width`` filters, each followed by the activation, then a dense layer on the flattened
+    maps. Glorot-uniform weights, zero biases (Keras defaults, as in the paper). Linked
+    variants double the channels each consumer reads. The normalisation variants: ``relu_bn``
+    puts a BatchNorm before each activation, ``deep_control`` a DeepControl2d; ``normprop``
+    uses NormPropConv2d layers, re-normalises after each ReLU and standardises the input
+    with ``input_stats`` (mean, std); ``lcw_sigmoid`` constrains every conv to zero-sum
+    weights per filter (the dense layer stays free)."""
     if variant not in VARIANTS:
         raise RecipeError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    act, bn = VARIANTS[variant]
+    act, norm = VARIANTS[variant]
     layers: OrderedDict[str, nn.Module] = OrderedDict()
+    if norm == "normprop":
+        layers["standardize"] = Standardize(*input_stats)
+    conv_type = NormPropConv2d if norm == "normprop" else nn.Conv2d
     cin = in_channels
     for i in range(depth + 1):
         kernel, stride = (stem_kernel, stem_stride) if i == 0 else (3, 1)
-        layers[f"conv{i}"] = nn.Conv2d(cin, width, kernel, stride, kernel // 2, bias=not bn)
-        if bn:
+        layers[f"conv{i}"] = conv_type(cin, width, kernel, stride, kernel // 2, bias=norm != "bn")
+        if norm == "bn":
             layers[f"bn{i}"] = nn.BatchNorm2d(width)
+        elif norm == "deep_control":
+            layers[f"dc{i}"] = DeepControl2d(width)
         layers[f"act{i}"], cin = act(width)
+        if norm == "normprop":
+            layers[f"renorm{i}"] = ReLURenorm()
     side = (input_size + 2 * (stem_kernel // 2) - stem_kernel) // stem_stride + 1
     layers["flatten"] = nn.Flatten()
     layers["dense"] = nn.Linear(cin * side * side, num_classes)
@@ -96,4 +124,8 @@ def plain_deep_net(variant: str, depth: int = 50, width: int = 4, in_channels: i
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+    if norm == "lcw":
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d):
+                lcw(module)
     return net
