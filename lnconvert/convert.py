@@ -82,11 +82,13 @@ def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tens
 
 
 def remaining_batchnorm(gm: fx.GraphModule) -> list[str]:
-    """Names of BatchNorm modules or functional batch_norm calls still in the graph."""
+    """Names of BatchNorm modules or functional batch_norm calls still in the graph, including
+    BatchNorms inside modules called as opaque leaves (timm's non-traceable layers, --leaf)."""
     found = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), BATCHNORM_MODULES):
-            found.append(node.target)
+        if node.op == "call_module":
+            found += [f"{node.target}.{name}".rstrip(".") for name, sub in gm.get_submodule(node.target).named_modules()
+                      if isinstance(sub, BATCHNORM_MODULES)]
         elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
             found.append(node.name)
     return found

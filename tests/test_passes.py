@@ -421,3 +421,29 @@ def test_bn_after_concatenated_convs_folds_into_each(reuse):
         assert bn["action"] == "affine"
     else:
         assert bn["action"] == "folded" and bn["detail"] == "into a, b"
+
+
+def test_bn_inside_an_opaque_leaf_module_is_reported_kept():
+    """A BN the tracer cannot see (inside a --leaf / timm non-traceable module) stays; the
+    conversion must say so (partial) instead of claiming every BN was removed."""
+    net = bn_net(nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()), nn.Conv2d(4, 2, 1))
+    result = assert_exact(net, torch.randn(2, 3, 12, 12), leaf_modules=["1"])
+    assert lnconvert.remaining_batchnorm(result.model) == ["1.0"]
+    assert result.report.status == "partial" and "1 BatchNorm kept (1.0)" in result.report.status_reasons[0]
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_widened_conv_reads_primaries_in_a_permuted_layout_and_zero_twins(groups):
+    from lnconvert.layout import Layout
+    from lnconvert.passes.widen import widen_input
+
+    conv = nn.Conv2d(4, 6, 3, groups=groups)
+    layout = Layout.linked(4, 2, 1, "act")  # grouped pairs: primaries at 0, 1, 4, 5
+    wide = widen_input(conv, layout)
+    assert wide.in_channels == 8 and wide.weight.shape == (6, 8 // groups, 3, 3)
+    per = 4 // groups
+    for c, (p, t) in enumerate(zip(layout.primary, layout.twin)):
+        rows = slice(6 // groups * (c // per), 6 // groups * (c // per + 1))
+        local = 8 // groups
+        assert torch.equal(wide.weight[rows, p % local], conv.weight[rows, c % per])
+        assert torch.count_nonzero(wide.weight[rows, t % local]) == 0
