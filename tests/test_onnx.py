@@ -11,7 +11,8 @@ from torch import nn
 
 import lnconvert
 from lnconvert.export import export_onnx, session, verify_onnx
-from lnconvert.nn import ChannelAffine, ChannelExpand, ChannelSelect, GatedMerge, LinkedActivation
+from lnconvert.nn import (ChannelAffine, ChannelExpand, ChannelSelect, DeepControl2d, GatedMerge, LinkedActivation,
+                          LinkedSELU, NormPropConv2d, NormPropLinear, ReLURenorm, lcw)
 
 from .conftest import prepared
 
@@ -57,6 +58,12 @@ MODULES = {
     "expand": (ChannelExpand([0, 1, 0, 1]), 2),
     "gate": (GatedMerge([0, 1], [2, 3]), 4),
     "gate-partial": (GatedMerge([0, 1, 2], [3, -1, 4]), 5),
+    "linked-selu": (LinkedSELU(), 4),
+    "normprop-conv": (NormPropConv2d(4, 3, 3, padding=1), 4),
+    "normprop-linear": (NormPropLinear(5, 3), 4),  # on the last axis
+    "relu-renorm": (ReLURenorm(), 4),
+    "deep-control": (DeepControl2d(4), 4),
+    "lcw-conv": (lcw(nn.Conv2d(4, 3, 3, groups=1)), 4),  # exported with the constraint baked into the weight
 }
 
 
@@ -78,6 +85,8 @@ def test_each_inserted_module_exports_to_plain_onnx(tmp_path, kind):
         assert set(ops) == {"Relu", "Neg", "Concat"}  # lean: no reshapes for the block layout
     if kind == "select-prefix":
         assert "Gather" not in ops  # a contiguous range is a Slice
+    if kind == "lcw-conv":
+        assert set(ops) == {"Conv"}  # no ReduceMean/Sub recomputing the projection at every run
 
 
 def test_verify_onnx_catches_a_broken_export(tmp_path):
