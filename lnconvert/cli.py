@@ -327,7 +327,7 @@ def zoo_cmd(
     jobs: int = typer.Option(1, "--jobs", "-j", help="Models converted in parallel (one subprocess each)."),
     timeout: float = typer.Option(600.0, help="Seconds per model; a model over it is a failed row (Timeout)."),
     threads: int = typer.Option(1, help="torch threads per model subprocess (1 is fastest on a shared machine)."),
-    memory_gb: float = typer.Option(8.0, help="Address-space cap per model subprocess in GiB (0: none); "
+    memory_gb: float = typer.Option(12.0, help="Address-space cap per model subprocess in GiB (0: none); "
                                               "a model over it fails alone (MemoryError)."),
     rerun: bool = typer.Option(False, "--rerun", help="Convert models already in the CSV again (default: skip them)."),
     onnx: bool = typer.Option(False, "--onnx", help="Also export each model to ONNX and check it in ONNX Runtime."),

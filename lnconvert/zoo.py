@@ -47,7 +47,7 @@ class ZooOptions:
     input_size: int | None = None  # square side; None: the first of SIZE_LADDER the model runs at
     onnx: bool = False
     timeout: float = 600.0
-    memory_gb: float = 8.0
+    memory_gb: float = 12.0
     threads: int = 1
 
 
