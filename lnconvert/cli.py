@@ -61,18 +61,43 @@ def _parse_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 
 def _read_tensor_file(path: Path, flag: str):
-    """One floating-point tensor (N, C, ...) from a ``torch.save`` file, loaded without unpickling."""
+    """One floating-point tensor (N, C, ...) from a ``torch.save`` or ``.npy`` file, loaded without unpickling."""
     import torch
 
     if not path.is_file():
         raise UsageError(f"{flag} file not found: {path}")
     try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".npy":
+            import numpy
+
+            tensor = torch.from_numpy(numpy.load(path, allow_pickle=False))
+        else:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UsageError(f"{flag} {path} is not a tensor file ({type(exc).__name__})") from None
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         raise UsageError(f"{flag} {path} must hold one floating-point tensor (N, C, ...)")
     return tensor
+
+
+def _calibrated(net, data: Optional[Path], drop_bn: bool):
+    """``net`` with running statistics estimated on ``data`` for its BatchNorms that have none;
+    without data, such a model cannot lose its BatchNorm: refused under --drop-bn."""
+    from .calibrate import batchnorm_without_stats, calibrate_batchnorm
+    from .errors import UnsupportedModelError
+
+    missing = batchnorm_without_stats(net)
+    if data is not None:
+        batch = _read_tensor_file(data, "--calibrate")
+        err.print(f"note: calibrated {len(missing)} BatchNorm without running statistics on {batch.shape[0]} "
+                  f"samples of {data}")
+        return calibrate_batchnorm(net, batch.split(32))
+    if missing and drop_bn:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UnsupportedModelError(f"BatchNorm '{missing[0]}'{more} has no running statistics "
+                                    f"(track_running_stats=False), so it normalises each batch by itself and cannot "
+                                    f"be removed; pass --calibrate DATA to estimate them, or --keep-bn")
+    return net
 
 
 def print_report(report, console: Console = out) -> None:
@@ -128,6 +153,10 @@ def convert_cmd(
     precision: str = typer.Option("float64", help="Verify in float64 (conversion error alone) or float32."),
     leaf: Optional[List[str]] = typer.Option(None, help="Submodule to keep opaque when tracing (repeatable)."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
+    calibrate: Optional[Path] = typer.Option(None, help="Inputs (a .pt or .npy file holding one tensor (N, C, ...)) "
+                                             "to estimate running statistics for BatchNorm layers that have none "
+                                             "(track_running_stats=False); without it such a model is refused "
+                                             "under --drop-bn (exit 7)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Convert MODEL, verify it against the original and save it (safetensors + spec)."""
@@ -157,6 +186,7 @@ def convert_cmd(
             net = load_model(model, weights, trust_pickle=trust_pickle)
         if weights is None:
             err.print(f"note: no --weights given; converting {model}'s own (random) initialisation")
+        net = _calibrated(net, calibrate, drop_bn)
         inputs = default_example_inputs(net, input_size=size)
         with err.status(f"converting {model}"):
             try:
@@ -170,7 +200,7 @@ def convert_cmd(
         print_report(result.report)
         if target is not None:
             spec = spec_for(model, weights, result.report.options, [list(t.shape) for t in inputs],
-                            result.report.to_dict())
+                            result.report.to_dict(), calibrated=calibrate is not None)
             save(result.model, target, spec, force=force, format=save_format)
             out.print(f"saved {target}")
         if onnx is not None:

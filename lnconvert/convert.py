@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from . import __version__
 from .analysis import check_channels, count_macs, count_params, propagate_shapes
-from .errors import ParityError, UnsupportedModelError, UsageError
+from .errors import ParityError, UnsupportedModelError, UsageError, one_line
 from .options import ConvertOptions, PassContext
 from . import passes
 from .plan import plan_links
@@ -72,9 +72,7 @@ def _check_inputs(inputs: tuple[torch.Tensor, ...], what: str) -> None:
 
 def _first_line(exc: BaseException) -> str:
     """``Type: first line`` of the error itself: torch.fx's ShapeProp wraps the real one."""
-    cause = exc.__cause__ if "ShapeProp error" in str(exc) and exc.__cause__ is not None else exc
-    text = str(cause).strip()
-    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
+    return one_line(exc.__cause__ if "ShapeProp error" in str(exc) and exc.__cause__ is not None else exc)
 
 
 def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -63,3 +63,9 @@ EXIT_CODES = {
     UnsupportedModelError.exit_code: "the model has something lnconvert refuses to convert",
     130: "interrupted (Ctrl-C); no partial output is left",
 }
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for errors that wrap another one."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

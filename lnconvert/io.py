@@ -98,9 +98,12 @@ def _save_deployment(model: nn.Module, tmp: str, spec: dict, text: str, format: 
             torch.jit.save(traced, tmp, _extra_files={SPEC_FILE: text})
 
 
-def spec_for(source: str, weights: str | None, options: dict, input_shape: list[list[int]], report: dict) -> dict:
+def spec_for(source: str, weights: str | None, options: dict, input_shape: list[list[int]], report: dict, *,
+             calibrated: bool = False) -> dict:
+    """``calibrated``: the source's BatchNorms without running statistics were calibrated
+    (:func:`lnconvert.calibrate.calibrate_batchnorm`) before conversion."""
     return {"format": "lnconvert/1", "lnconvert_version": __version__, "source": source, "weights": weights,
-            "options": options, "input_shape": input_shape, "report": report}
+            "options": options, "input_shape": input_shape, "report": report, "calibrated": calibrated}
 
 
 def detect_format(path: str | Path) -> str:
@@ -169,6 +172,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     options.pop("precision")
     options.pop("tolerance")
     inputs = tuple(torch.zeros(shape) for shape in spec["input_shape"])
+    if spec.get("calibrated"):  # for the graph's structure only: the saved weights replace the statistics
+        from .calibrate import calibrate_batchnorm
+
+        model = calibrate_batchnorm(model, inputs[:1])
     rebuilt = convert(model, example_inputs=inputs, verify=False, **options).model
     state = load_file(str(path))
     result = rebuilt.load_state_dict(state, strict=False)
@@ -190,6 +197,9 @@ def load_result(path: str | Path):
     spec = read_spec(path)
     if not spec.get("source"):
         raise ModelSourceError(f"{path} was converted from an in-memory model; compact the ConversionResult instead")
+    if spec.get("calibrated"):
+        raise ModelSourceError(f"{path} was converted with --calibrate, whose data is not stored; compact the "
+                               f"ConversionResult of the calibrated model instead")
     inputs = tuple(torch.randn(shape, generator=torch.Generator().manual_seed(0)) for shape in spec["input_shape"])
     return ConversionResult(load(path), ConversionReport.from_dict(spec["report"]), load_model(spec["source"]),
                             ConvertOptions.from_dict(spec["options"]), inputs)
