@@ -14,6 +14,8 @@ from .conftest import prepared
     ("resnet18", {"policy": "minmax", "residual": "gate"}),
     ("mobilenet_v3_small", {"drop_bn": False}),
     ("timm/resnet18d", {}),
+    ("resnet18", {"norm": "deep-control", "link": False}),
+    ("resnet18", {"norm": "normprop", "lcw": True}),  # LCW weights are parametrized: saved and rebuilt as such
 ])
 def test_save_load_round_trip_is_bitwise(tmp_path, name, options):
     model, x = prepared(load_model(name))
