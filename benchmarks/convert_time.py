@@ -4,11 +4,14 @@
 
 Converts the same model (random init, randomised BN statistics) ``repeats`` times without and
 with verification, after one warm-up conversion (lazy imports), and prints the median total
-and the median seconds of each pass (pass_seconds in the report), side by side.
+and the median seconds of each pass (pass_seconds in the report), side by side, plus the
+process CPU time: on a loaded shared machine wall time mostly measures the other jobs, while
+CPU time with ``--threads 1`` is close to the wall time the conversion takes on a quiet core.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -33,16 +36,18 @@ def main() -> None:
     x = torch.randn(2, 3, args.size, args.size, generator=generator)
     lnconvert.convert(model, example_inputs=x, verify=False)  # warm-up
     for verify in (False, True):
-        totals, passes = [], {}
+        totals, cpu, passes = [], [], {}
         for _ in range(args.repeats):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             report = lnconvert.convert(model, example_inputs=x, verify=verify).report
             totals.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
             for name, seconds in report.pass_seconds.items():
                 passes.setdefault(name, []).append(seconds)
         detail = ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in passes.items())
         print(f"{args.model} {args.size}x{args.size} verify={verify}: median {statistics.median(totals):.2f} s "
-              f"(min {min(totals):.2f}) over {args.repeats}; passes: {detail}")
+              f"(min {min(totals):.2f}), CPU {statistics.median(cpu):.2f} s, over {args.repeats}; "
+              f"load average {os.getloadavg()[0]:.1f}; passes: {detail}")
 
 
 if __name__ == "__main__":
