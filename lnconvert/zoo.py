@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import LnConvertError, OutputError, UsageError
+from .errors import LnConvertError, OutputError, UsageError, one_line
 
 COLUMNS = (
     "model", "library", "input_size", "traced", "bn_before", "bn_after", "bn_folded", "bn_affine", "bn_kept",
@@ -227,11 +227,6 @@ def _float64_conversion(model, x, options: ZooOptions) -> str:
     return f"a float64 copy converts to max rel {worst:.1e}"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
     """Load ``name`` (random init), randomise its BN statistics, convert and verify it: one row."""
     import torch
@@ -264,7 +259,7 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
             if not ok:
                 row.update(status="failed", error_class="OnnxParity", reason=f"ONNX Runtime max rel {worst:.2e}")
     except Exception as exc:  # every failure is a row: the class and one line
-        row.update(error_class=type(exc).__name__, reason=_one_line(exc))
+        row.update(error_class=type(exc).__name__, reason=one_line(exc))
         if isinstance(exc, TraceError):
             row["traced"] = "no"
         elif isinstance(exc, ParityError):
@@ -394,7 +389,8 @@ def markdown(rows: Sequence[dict[str, Any]], options: ZooOptions | None = None) 
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = lambda k: r.get(k, "")  # noqa: E731
-        status = g("status") + (f" ({g('error_class')})" if g("error_class") else "")
+        shown = g("error_class") and not g("reason").startswith(g("error_class"))  # one_line names the class
+        status = g("status") + (f" ({g('error_class')})" if shown else "")
         detail = "; ".join(x for x in (g("reason"), g("note")) if x).replace("|", "/")
         lines.append(
             f"| {g('model')} | {g('input_size')} | {g('traced')} | {g('bn_before')} -> {g('bn_after')} "
