@@ -151,10 +151,13 @@ def test_compaction_after_a_strategy_gives_back_the_original_cost(norm):
     assert not modules_of(compacted.model, LinkedActivation)
 
 
-def test_compaction_refuses_lcw_models():
+def test_compaction_and_twin_groups_refuse_lcw_models():
     net, x = small_net()
+    result = lnconvert.convert(net, example_inputs=x, lcw=True)
     with pytest.raises(UsageError, match="does not support LCW"):
-        lnconvert.compact(lnconvert.convert(net, example_inputs=x, lcw=True))
+        lnconvert.compact(result)
+    with pytest.raises(UsageError, match="already has a parametrization"):  # twin learning rates need split weights
+        lnconvert.param_groups(result.model, base_lr=1e-3, twin_lr=1e-3)
 
 
 def test_strategy_options_are_validated():
@@ -172,7 +175,10 @@ def zoo_conversion(name, norm):
     return model, result
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+ZOO = ["resnet18", pytest.param("mobilenet_v2", marks=pytest.mark.slow)]  # mobilenet_v2: 7-35 s each here
+
+
+@pytest.mark.parametrize("name", ZOO)
 @pytest.mark.parametrize("norm", STRATEGIES)
 def test_zoo_parity_in_pytorch(name, norm):
     model, result = zoo_conversion(name, norm)
@@ -208,11 +214,17 @@ def test_zoo_parity_in_onnx_runtime(tmp_path, name, norm):
     check_in_ort(tmp_path, *zoo_conversion(name, norm))
 
 
+def cli_net() -> nn.Module:
+    """SmallNet with randomised BN statistics, for the CLI as ``tests.test_norm_strategies:cli_net``."""
+    return small_net()[0]
+
+
 def test_cli_norm_and_lcw_flags():
     runner = CliRunner()
-    done = runner.invoke(app, ["convert", "resnet18", "--input-size", "3,32,32", "--no-save", "--norm", "deep-control",
-                               "--no-link", "--lcw"])
+    done = runner.invoke(app, ["convert", "tests.test_norm_strategies:cli_net", "--input-size", "3,12,12", "--no-save",
+                               "--norm", "deep-control", "--no-link", "--lcw"])
     assert done.exit_code == 0, done.output
-    assert "norm: deep-control" in done.output and "20 deep-control" in done.output and "changed" in done.output
+    assert "norm: deep-control" in done.output and "3 deep-control, 2 not applied" in done.output
+    assert "changed" in done.output and "6 layers projected" in done.output
     bad = runner.invoke(app, ["convert", "resnet18", "--no-save", "--norm", "batch"])
     assert bad.exit_code == 2 and "unknown norm strategy 'batch'" in bad.output and "Traceback" not in bad.output
