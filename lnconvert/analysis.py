@@ -39,6 +39,21 @@ def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
+def reads_input(node: fx.Node) -> bool:
+    """Whether ``node``'s value depends on a graph input, not only on parameters and constants
+    (a functional ``batch_norm`` of a conv weight, timm's weight standardisation, does not)."""
+    seen, stack = {node}, [node]
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            return True
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return False
+
+
 def call_site_counts(gm: fx.GraphModule) -> Counter:
     """How many call_module nodes use each submodule (shared modules have > 1)."""
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")

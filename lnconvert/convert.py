@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from . import __version__
-from .analysis import check_channels, count_macs, count_params, propagate_shapes
+from .analysis import check_channels, count_macs, count_params, propagate_shapes, reads_input
 from .errors import ParityError, UnsupportedModelError, UsageError, one_line
 from .options import ConvertOptions, PassContext
 from . import passes
@@ -80,14 +80,15 @@ def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tens
 
 
 def remaining_batchnorm(gm: fx.GraphModule) -> list[str]:
-    """Names of BatchNorm modules or functional batch_norm calls still in the graph, including
-    BatchNorms inside modules called as opaque leaves (timm's non-traceable layers, --leaf)."""
+    """Names of BatchNorm modules or functional batch_norm calls on activations still in the
+    graph, including BatchNorms inside modules called as opaque leaves (timm's non-traceable
+    layers, --leaf)."""
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
             found += [f"{node.target}.{name}".rstrip(".") for name, sub in gm.get_submodule(node.target).named_modules()
                       if isinstance(sub, BATCHNORM_MODULES)]
-        elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
+        elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm and reads_input(node):
             found.append(node.name)
     return found
 

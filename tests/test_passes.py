@@ -447,3 +447,35 @@ def test_widened_conv_reads_primaries_in_a_permuted_layout_and_zero_twins(groups
         local = 8 // groups
         assert torch.equal(wide.weight[rows, p % local], conv.weight[rows, c % per])
         assert torch.count_nonzero(wide.weight[rows, t % local]) == 0
+
+
+class _StandardisedConv(nn.Conv2d):
+    """timm's StdConv2d: the weight is standardised with F.batch_norm (no activation statistics)."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class _FunctionalBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.randn(4) * 0.1)
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.mean, self.var)
+
+
+@pytest.mark.parametrize("activation_bn", [False, True])
+def test_weight_standardisation_is_not_a_kept_batchnorm(activation_bn):
+    layers = [_StandardisedConv(3, 4, 3), *([_FunctionalBN()] if activation_bn else []), nn.ReLU(), nn.Conv2d(4, 2, 1)]
+    result = assert_exact(nn.Sequential(*layers).eval(), torch.randn(2, 3, 8, 8))
+    kept = lnconvert.remaining_batchnorm(result.model)
+    if activation_bn:  # only the call on activations is a BatchNorm, kept and reported
+        assert len(kept) == 1 and result.report.status == "partial"
+        assert result.report.count(result.report.batchnorm) == {"kept": 1}
+    else:
+        assert kept == [] and result.report.status == "exact" and result.report.batchnorm == []
+    assert linked(result)

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..analysis import call_site_counts, own_module, shape_of
+from ..analysis import call_site_counts, own_module, reads_input, shape_of
 from ..errors import UnsupportedModelError
 from ..nn import ChannelAffine
 from ..options import PassContext
@@ -102,14 +102,16 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
        into each conv of a channel concatenation of such convs;
     2. otherwise replace it by an equivalent :class:`ChannelAffine` (no batch statistics);
     3. keep a BN without running statistics (it uses batch statistics even in eval) and
-       report it, as well as functional ``batch_norm`` calls.
+       report it, as well as functional ``batch_norm`` calls on activations (one on a weight,
+       timm's weight standardisation, is no BatchNorm of activations: left alone, unreported).
 
     Preserves: eval-mode outputs up to float rounding (scale and shift in float64).
     """
     sites = call_site_counts(gm)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
-            ctx.report.bn(node.name, "kept", "functional batch_norm call (not a module)")
+            if reads_input(node):  # else it standardises a weight: not a BatchNorm of activations
+                ctx.report.bn(node.name, "kept", "functional batch_norm call (not a module)")
             continue
         if node.op != "call_module" or type(gm.get_submodule(node.target)) not in BATCHNORM_MODULES:
             continue
