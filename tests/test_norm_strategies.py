@@ -124,8 +124,10 @@ def test_one_training_step_at_batch_size_1(norm, lcw):
     sample = x[:1]
     with torch.no_grad():  # no batch statistics: a sample gives the same output alone or in a batch, in train mode
         torch.testing.assert_close(gm(sample), gm(x)[:1], rtol=1e-5, atol=1e-6)
+    # twin learning rates (split twin weights) work with NormProp and Deep Control layers; LCW refuses them (below)
+    params = gm.parameters() if lcw else lnconvert.param_groups(gm, base_lr=0.1, twin_lr=0.1)
     before = copy.deepcopy(gm.state_dict())
-    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    opt = torch.optim.SGD(params, lr=0.1)
     loss = nn.functional.cross_entropy(gm(sample), torch.tensor([1]))
     loss.backward()
     assert torch.isfinite(loss)
