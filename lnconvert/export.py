@@ -82,15 +82,13 @@ def without_parametrizations(model: nn.Module) -> nn.Module:
 
     if not any(parametrize.is_parametrized(m) for m in model.modules()):
         return model
+    from .finetune import own_parametrized_class
+
     baked = copy.deepcopy(model)
     for module in [m for m in baked.modules() if parametrize.is_parametrized(m)]:
-        values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
-        # per instance: remove_parametrizations would delete the property from the parametrized
-        # class, which deepcopy shares with the original model
-        module.__class__ = module.__class__.__bases__[0]
-        del module._modules["parametrizations"]
-        for name, value in values.items():
-            module._parameters[name] = nn.Parameter(value)
+        own_parametrized_class(module)  # the copy shares torch's generated class with the original
+        for name in list(module.parametrizations):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return baked
 
 

@@ -109,7 +109,7 @@ def split_twins(model: nn.Module) -> nn.Module:
     return model
 
 
-def _own_parametrized_class(module: nn.Module) -> None:
+def own_parametrized_class(module: nn.Module) -> None:
     """Give ``module`` a private copy of its generated ``Parametrized<X>`` class.
 
     ``copy.deepcopy`` shares that class between a model and its copies, and
@@ -127,7 +127,7 @@ def merge_twins(model: nn.Module) -> nn.Module:
     for module in model.modules():
         names = [n for n in list(getattr(module, "parametrizations", {}) or {}) if _is_split(module, n)]
         if names:
-            _own_parametrized_class(module)
+            own_parametrized_class(module)
         for name in names:
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return model
