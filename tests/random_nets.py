@@ -120,10 +120,11 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv2d(c_in, out, k, stride=stride, padding=k // 2, groups=groups, bias=spec["bias"])
         self.post = ctx.bn(out) if spec["bn"] == "after" else nn.Identity()
         self.act = ctx.act(spec["act"], out)
+        self.after_act = ctx.bn(out) if spec["bn"] == "after_act" else nn.Identity()
         ctx.channels, ctx.size = out, (ctx.size + 2 * (k // 2) - k) // stride + 1
 
     def forward(self, x):
-        return self.act(self.post(self.conv(self.pre(x))))
+        return self.after_act(self.act(self.post(self.conv(self.pre(x)))))
 
 
 class Residual(nn.Module):
@@ -227,7 +228,7 @@ class Split(nn.Module):
     def __init__(self, spec: dict, ctx: Context):
         super().__init__()
         c = ctx.channels
-        self.half = c // 2
+        self.half, self.even = c // 2, c % 2 == 0
         self.conv = nn.Conv2d(c - self.half, c - self.half, 3, padding=1, groups=c - self.half
                               if spec["depthwise"] else 1)
         self.act = ctx.act(spec["act"], c - self.half)
@@ -236,13 +237,67 @@ class Split(nn.Module):
     def forward(self, x):
         if self.how == "slice":
             a, b = x[:, :self.half], x[:, self.half:]
+        elif self.how == "chunk" and self.even:
+            a, b = x.chunk(2, dim=1)
         else:
             a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
         return torch.cat([a, self.act(self.conv(b))], dim=1)
 
 
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle: view(N, G, C/G, H, W) -> transpose -> view(N, C, H, W)."""
+
+    def __init__(self, spec: dict, ctx: Context):
+        super().__init__()
+        self.groups = 2 if ctx.channels % 2 == 0 else 1
+
+    def forward(self, x):
+        n, c, h, w = x.size()
+        return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class Elementwise(nn.Module):
+    """Ops that keep channels: spatial padding, resizing, dropout, scalar arithmetic, clone."""
+
+    def __init__(self, spec: dict, ctx: Context):
+        super().__init__()
+        self.op = spec["op"]
+        self.dropout = nn.Dropout2d(0.3)
+        self.factor = 2 if ctx.size <= 8 else 1  # inputs stay small
+        if self.op == "pad":
+            ctx.size += 2
+        elif self.op == "upsample":
+            ctx.size *= self.factor
+
+    def forward(self, x):
+        if self.op == "pad":
+            return F.pad(x, (1, 1, 1, 1))
+        if self.op == "upsample":
+            return F.interpolate(x, scale_factor=self.factor, mode="nearest")
+        if self.op == "dropout":
+            return self.dropout(x)
+        if self.op == "scalar":
+            return x * 0.5 + 1.0
+        return x.clone()
+
+
+class Deconv(nn.Module):
+    """A transposed conv (stride 2) with BN and an activation."""
+
+    def __init__(self, spec: dict, ctx: Context):
+        super().__init__()
+        factor = 2 if ctx.size <= 8 else 1  # inputs stay small
+        self.conv = nn.ConvTranspose2d(ctx.channels, spec["out"], factor, stride=factor)
+        self.bn, self.act = ctx.bn(spec["out"]), ctx.act(spec["act"], spec["out"])
+        ctx.channels, ctx.size = spec["out"], ctx.size * factor
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
 BLOCKS = {"conv": ConvBlock, "residual": Residual, "cat": Cat, "se": SqueezeExcite, "pool": Pool,
-          "shared": Shared, "branch": Branch, "split": Split}
+          "shared": Shared, "branch": Branch, "split": Split, "shuffle": Shuffle, "elementwise": Elementwise,
+          "deconv": Deconv}
 
 
 class Head(nn.Module):
@@ -252,8 +307,10 @@ class Head(nn.Module):
         self.kind = kind
         if kind == "gap":
             self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, 3)
-        elif kind == "flatten":
+        elif kind in ("flatten", "reshape", "torch.flatten"):
             self.fc = nn.Linear(c * ctx.size * ctx.size, 3)
+        elif kind == "two":
+            self.fc = nn.Linear(c, 3)
         elif kind == "mlp":
             self.fc1, self.fc2 = nn.Linear(c, 5), nn.Linear(5, 3)
             self.bn = nn.BatchNorm1d(5, track_running_stats=ctx.bn_stats) if spec["bn"] else nn.Identity()
@@ -266,6 +323,12 @@ class Head(nn.Module):
             return self.fc(torch.flatten(self.pool(x), 1))
         if self.kind == "flatten":
             return self.fc(x.view(x.size(0), -1))
+        if self.kind == "reshape":
+            return self.fc(x.reshape(-1, x.shape[1] * x.shape[2] * x.shape[3]))
+        if self.kind == "torch.flatten":
+            return self.fc(torch.flatten(x, 1))
+        if self.kind == "two":  # two outputs: the features and a linear on their spatial max
+            return x, self.fc(x.amax((2, 3)))
         if self.kind == "mlp":
             return self.fc2(self.act(self.bn(self.fc1(x.mean((2, 3))))))
         if self.kind == "conv":
@@ -312,7 +375,8 @@ width = st.integers(1, 8)
 BLOCK_STRATEGIES = {
     "conv": st.fixed_dictionaries({
         "kind": st.just("conv"), "out": width, "k": st.sampled_from([1, 3]), "stride": st.sampled_from([1, 2]),
-        "groups": st.sampled_from(["1", "depthwise", "2"]), "bn": st.sampled_from(["after", "before", "none"]),
+        "groups": st.sampled_from(["1", "depthwise", "2"]),
+        "bn": st.sampled_from(["after", "before", "none", "after_act"]),
         "bias": st.booleans(), "act": maybe_activation}),
     "residual": st.fixed_dictionaries({
         "kind": st.just("residual"), "out": width, "act": activation, "preact": st.booleans(),
@@ -332,10 +396,15 @@ BLOCK_STRATEGIES = {
         "op": st.sampled_from(["add", "mul"])}),
     "split": st.fixed_dictionaries({
         "kind": st.just("split"), "act": activation, "depthwise": st.booleans(),
-        "how": st.sampled_from(["slice", "split"])}),
+        "how": st.sampled_from(["slice", "split", "chunk"])}),
+    "shuffle": st.fixed_dictionaries({"kind": st.just("shuffle")}),
+    "elementwise": st.fixed_dictionaries({
+        "kind": st.just("elementwise"), "op": st.sampled_from(["pad", "upsample", "dropout", "scalar", "clone"])}),
+    "deconv": st.fixed_dictionaries({"kind": st.just("deconv"), "out": width, "act": activation}),
 }
 HEADS = st.one_of(
-    st.fixed_dictionaries({"kind": st.sampled_from(["gap", "flatten", "conv", "none"])}),
+    st.fixed_dictionaries({"kind": st.sampled_from(["gap", "flatten", "reshape", "torch.flatten", "conv", "two",
+                                                    "none"])}),
     st.fixed_dictionaries({"kind": st.just("mlp"), "bn": st.booleans(), "act": activation}),
 )
 

@@ -97,6 +97,13 @@ def test_bn_without_running_stats_needs_calibration_or_keep_bn(tmp_path):
         torch.testing.assert_close(io.load(out)(x16(seed=5)), reference(x16(seed=5)), rtol=1e-5, atol=1e-5)
 
 
+def test_refusal_is_one_unwrapped_line_in_a_real_terminal_process():
+    """Through a subprocess (rich's console, 80 columns): the long message stays on one line."""
+    proc = subprocess.run([sys.executable, "-m", "lnconvert.cli", "tests.bad_models:no_running_stats", *SMALL,
+                           "--no-save"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_refused(proc.returncode, proc.stderr, 7, "pass --calibrate DATA to estimate them, or --keep-bn")
+
+
 def test_calibration_measures_the_data_statistics():
     net = bad_models.no_running_stats()
     data = x16(batch=24, seed=1)

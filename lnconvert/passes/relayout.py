@@ -34,6 +34,8 @@ def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
                                      (nodes[source],))
         piece.replace_all_uses_with(select)
     for name, source in plan.rewires.items():  # last: also redirects the selects just made
+        while source in plan.rewires:  # consecutive shuffles / no-op views: all read the first source
+            source = plan.rewires[source]
         nodes[name].replace_all_uses_with(nodes[source])
     gm.graph.eliminate_dead_code()
     gm.recompile()
