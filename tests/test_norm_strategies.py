@@ -209,7 +209,7 @@ def test_small_net_parity_in_onnx_runtime(tmp_path, norm):
     check_in_ort(tmp_path, net, lnconvert.convert(net, example_inputs=x, norm=norm))
 
 
-@pytest.mark.slow  # 40-160 s each on the shared 2-core machine (the dynamo export dominates)
+@pytest.mark.slow  # 10-160 s each on the shared 2-core machine, depending on its load (dynamo export)
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 @pytest.mark.parametrize("norm", STRATEGIES)
 def test_zoo_parity_in_onnx_runtime(tmp_path, name, norm):
