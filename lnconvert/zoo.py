@@ -266,7 +266,10 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
             row["traced"] = "yes"
             if exc.report is not None:
                 row.update(_report_columns(exc.report))
-            row["reason"] += f"; {_float64_conversion(model, x, options)}"
+            try:
+                row["reason"] += f"; {_float64_conversion(model, x, options)}"
+            except Exception as diagnosis:  # e.g. no memory for a float64 copy: the row stands
+                row["reason"] += f"; no float64 check ({type(diagnosis).__name__})"
         elif "can't allocate memory" in str(exc) or isinstance(exc, MemoryError):
             row["error_class"] = "MemoryError"
     if row.get("bn_before") == 0 and options.drop_bn:
