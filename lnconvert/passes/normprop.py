@@ -35,8 +35,8 @@ def _to_normprop(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
     return converted
 
 
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """'' for a ReLU (plain or linked mirror), a reason for a ReLU it does not apply to, None otherwise."""
+def _relu_refusal(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """For a ReLU (plain or linked): '' when re-normalisation applies, else why not; None for other nodes."""
     if node.op != "call_module":
         return None
     module = gm.get_submodule(node.target)
@@ -53,7 +53,7 @@ def _zero_padded(module: nn.Module) -> bool:
     return padded and getattr(module, "padding_mode", "zeros") == "zeros"
 
 
-def _renormalise(gm: fx.GraphModule, ctx: PassContext, act: fx.Node, users: list[fx.Node]) -> str:
+def _renormalise(gm: fx.GraphModule, act: fx.Node, users: list[fx.Node]) -> str:
     """Insert ``ReLURenorm`` after ``act``; its scale goes into the users' gamma and its
     shift into their bias, or, when a user zero-pads (the padding would be 0 in the shifted
     space, not in the original), into an explicit learnable per-channel shift."""
@@ -95,7 +95,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     propagate_shapes(gm, ctx.example_inputs)  # linked widths: the plan's shapes predate linking
     layers = _to_normprop(gm, ctx)
     for node in list(gm.graph.nodes):
-        reason = _is_relu(gm, node)
+        reason = _relu_refusal(gm, node)
         if reason is None or node.args[0] not in layers:
             continue
         users = list(node.users)
@@ -104,7 +104,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if reason:
             ctx.report.norm_layer(node.name, "normprop", "not renormalised", reason)
             continue
-        how = _renormalise(gm, ctx, node, users)
+        how = _renormalise(gm, node, users)
         ctx.report.norm_layer(node.name, "normprop", "renormalised", how)
     gm.recompile()
     return gm
