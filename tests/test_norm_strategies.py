@@ -72,6 +72,7 @@ def test_normprop_is_exact_and_renormalises_relus_between_normprop_layers(link, 
     assert acts["relu1"] == acts["relu2"] == "renormalised"
     assert acts["relu4"] == "not renormalised"  # feeds fc2, which had no BN
     assert "relu3" not in acts  # reads the residual add, not a NormProp layer
+    assert acts["bn_add"] == "affine"  # no conv/linear before it: a per-channel affine as with fold
     assert len(modules_of(gm, ReLURenorm)) == 2
     # relu1 feeds conv2, which zero-pads: its shift is an explicit per-channel affine;
     # relu2 feeds the unpadded 1x1 conv3: its shift went into conv3's bias

@@ -90,9 +90,14 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
        gets ``ReLURenorm`` after it; ``1 / std`` is absorbed into the users' gamma and the
        mean shift into their bias, or kept as a learnable per-channel shift when a user
        zero-pads. ReLUs feeding anything else (residual adds, pooling) are left as they are.
+    A BN that fold_bn turned into a per-channel affine (not after a conv/linear) stays one.
     Preserves: eval-mode outputs up to float rounding (reported per layer).
     """
     propagate_shapes(gm, ctx.example_inputs)  # linked widths: the plan's shapes predate linking
+    for bn in ctx.report.batchnorm:
+        if bn["action"] == "affine":
+            ctx.report.norm_layer(bn["name"], "normprop", "affine", "BN not after a conv/linear: a per-channel "
+                                  "affine, as with fold")
     layers = _to_normprop(gm, ctx)
     for node in list(gm.graph.nodes):
         reason = _relu_refusal(gm, node)
