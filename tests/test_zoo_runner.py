@@ -73,6 +73,13 @@ def test_resume_skips_done_rows_and_rerun_replaces_them(subset_run):
     assert by_name["torchvision/resnet18"]["convert_seconds"] == "999"
 
 
+def test_onnx_column_is_ort_parity(tmp_path):
+    rows = run_zoo(["timm/test_resnet"], ZooOptions(onnx=True, timeout=240), out=tmp_path / "onnx")
+    assert rows[0]["status"] == "exact", rows[0]["reason"]
+    # ORT runs float32: within the tolerance or 4x the original's own float32 floor (verify_onnx)
+    assert float(rows[0]["onnx_max_rel"]) <= max(TOLERANCE, 4 * float(rows[0]["float32_floor"]))
+
+
 def test_hung_child_becomes_a_failed_row():
     row = run_child("torchvision/resnet18", ZooOptions(timeout=0.5))
     assert (row["status"], row["error_class"], row["reason"]) == ("failed", "Timeout", "no result within 0.5 s")
