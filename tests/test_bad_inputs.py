@@ -163,6 +163,8 @@ def test_mismatched_input_size():
     code, _, stderr = cli("tests.bad_models:small", "--input-size", "1,16,16", "--no-save")
     assert_refused(code, stderr, 2, "does not run on inputs of shape [(2, 1, 16, 16)]")
     assert "to have 3 channels" in stderr
+    with pytest.raises(UsageError, match=r"Input type \(long int\) and bias type \(float\)"):  # non-float inputs
+        lnconvert.convert(bad_models.small(), example_inputs=torch.randint(0, 3, (2, 3, 16, 16)))
 
 
 def test_zero_size_and_one_channel_inputs():
