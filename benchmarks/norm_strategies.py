@@ -12,10 +12,9 @@ what a train step holds at its peak besides transient workspace.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
+from common import set_up, train_step_parser
 from torch import nn
 
 import lnconvert
@@ -47,17 +46,11 @@ def train_step_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = train_step_parser(__doc__, steps=2)
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    set_up(args)
     model = lnconvert.load_model(args.model).eval()
     example = torch.randn(2, 3, args.size, args.size)
     randomize_batchnorm(model, torch.randn(8, 3, args.size, args.size))

@@ -8,26 +8,19 @@ BN folded (``convert(link=False)``); "linked" doubles the consumers' input width
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
+from common import set_up, train_step_parser
 
 import lnconvert
 from lnconvert.recipes.train import time_train_steps
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = train_step_parser(__doc__, steps=3)
     parser.add_argument("model")
-    parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    set_up(args)
     model = lnconvert.load_model(args.model)
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))
