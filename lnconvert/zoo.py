@@ -380,7 +380,7 @@ def markdown(rows: Sequence[dict[str, Any]], options: ZooOptions | None = None) 
     lines = ["# lnconvert zoo report", ""]
     if options is not None:
         lines += [f"Options: drop_bn={options.drop_bn}, policy={options.policy}, residual={options.residual}, "
-                  f"input size {options.input_size or 'first of ' + '/'.join(map(str, SIZE_LADDER))}, "
+                  f"input size {options.input_size or 'the first of ' + '/'.join(map(str, SIZE_LADDER)) + ' (below the model’s own) or its own size it runs at'}, "
                   f"ONNX {'checked' if options.onnx else 'not checked'}; BN statistics randomised.", ""]
     lines += ["| library | models | exact | partial | failed | median s | max s |", "|---|---|---|---|---|---|---|"]
     for library, c in coverage(rows).items():
