@@ -398,6 +398,10 @@ def zoo_cmd(
                   + f" of {len(mine)}; report {out_prefix}.csv, {out_prefix}.md", highlight=False)
     except (typer.Exit, click.exceptions.Exit):
         raise
+    except KeyboardInterrupt:  # finished rows are on disk; running children were ended
+        err.print(f"interrupted; the rows finished so far are in {out_prefix}.csv (run again to resume)",
+                  soft_wrap=True, highlight=False)
+        raise typer.Exit(130)
     except BaseException as exc:
         _fail(exc, debug)
 

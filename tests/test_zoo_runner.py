@@ -101,6 +101,26 @@ def test_families_and_selection():
     assert chosen == ["torchvision/resnet18", "timm/resnet18d", "timm/resnet10t", "timm/resnet14t"]
 
 
+def test_ctrl_c_keeps_finished_rows_and_ends_children(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prefix = tmp_path / "intr"
+    proc = subprocess.Popen([sys.executable, "-m", "lnconvert.cli", "zoo", "timm/test_resnet", "torchvision/resnet101",
+                             "torchvision/resnet152", "--out", str(prefix)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (prefix.parent / "intr.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run again to resume" in stderr and "Traceback" not in stderr
+    assert [r["model"] for r in read_rows(f"{prefix}.csv")] == ["timm/test_resnet"]
+    ps = subprocess.run(["pgrep", "-f", f"lnconvert.zoo torchvision/resnet1.* {tmp_path}"], capture_output=True)
+    assert ps.returncode == 1  # no child left running
+
+
 @pytest.mark.parametrize("args, code, text", [
     (["zoo", "--jobs", "1"], 2, "no models selected"),
     (["zoo", "not_a_model_xyz"], 3, "unknown model"),
