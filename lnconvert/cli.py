@@ -353,7 +353,8 @@ def zoo_cmd(
     timm_patterns: Optional[List[str]] = typer.Option(None, "--timm", help="timm models matching this glob, "
                                                                           "e.g. 'resnet*' (repeatable)."),
     timm_families: bool = typer.Option(False, "--timm-families", help="The smallest model (by parameter count) "
-                                       "of every timm family: timm module + name stem, e.g. efficientnet:mixnet."),
+                                       "of every timm family: timm module + name stem, e.g. efficientnet:mixnet "
+                                       "(choosing them builds every timm model on the meta device: minutes)."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Models converted in parallel (one subprocess each)."),
     timeout: float = typer.Option(600.0, help="Seconds per model; a model over it is a failed row (Timeout)."),
     threads: int = typer.Option(1, help="torch threads per model subprocess (1 is fastest on a shared machine)."),
