@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -91,6 +92,39 @@ def remaining_batchnorm(gm: fx.GraphModule) -> list[str]:
         elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm and reads_input(node):
             found.append(node.name)
     return found
+
+
+def float64_conversion_error(model: nn.Module, options: ConvertOptions, inputs: tuple[torch.Tensor, ...],
+                             checks: Sequence[tuple[str, tuple[torch.Tensor, ...]]] | None = None) -> float:
+    """Max rel error of the same conversion applied to a float64 copy of ``model``, on the
+    ``checks`` batches (default: ``inputs``): free of float32 storage of folded weights, it tells
+    a wrong graph (large) from float32 rounding amplified by an ill-conditioned model (tiny)."""
+    wide = copy.deepcopy(model).double()
+    kwargs = {k: v for k, v in options.to_dict().items() if k not in ("tolerance", "precision")}
+    kwargs["lcw"] = False  # LCW changes the function by design; it is measured separately
+    converted = convert(wide, example_inputs=tuple(t.double() for t in inputs), verify=False, **kwargs).model
+    wide_checks = [(label, tuple(t.double() for t in args)) for label, args in (checks or [("random", inputs)])]
+    return max(p.max_rel for p in compare(wide, converted, wide_checks, tolerance=1.0))
+
+
+def _accept_float32_rounding(model: nn.Module, options: ConvertOptions, inputs: tuple[torch.Tensor, ...],
+                             checks: Sequence[tuple[str, tuple[torch.Tensor, ...]]],
+                             bad: list, report: ConversionReport) -> None:
+    """Outputs above the tolerance, but within the original's own float32 rounding, pass when
+    a float64 copy of the model converts within the tolerance: the graph is then proven right
+    and the excess is the float32 storage of the folded weights, which deep nets amplify no
+    more than running the original itself in float32 does."""
+    error = float64_conversion_error(model, options, inputs, checks)
+    report.float64_conversion_error = error
+    if error > options.tolerance:
+        return
+    for row in bad:
+        row.ok = True
+    worst = max(bad, key=lambda p: p.max_rel)
+    report.warnings.append(
+        f"{len(bad)} output(s) above the tolerance {options.tolerance:.0e} only by float32 rounding: max rel "
+        f"{worst.max_rel:.1e} <= the original's own float32 rounding {worst.native_noise:.1e}; a float64 "
+        f"copy converts within {error:.1e}")
 
 
 def convert(
@@ -206,6 +240,10 @@ def convert(
         with _timed(report, "verify"):
             report.parity = compare(model, gm, labelled, tolerance, precision)
         bad = [p for p in report.parity if not p.ok]
+        if bad and all(p.native_noise is not None and p.max_rel <= p.native_noise for p in bad):
+            with _timed(report, "verify"):
+                _accept_float32_rounding(model, options, inputs, labelled, bad, report)
+            bad = [p for p in report.parity if not p.ok]
         if bad:
             report.status = "failed"
             worst = max(bad, key=lambda p: p.max_rel)

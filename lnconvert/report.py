@@ -37,6 +37,8 @@ class ConversionReport:
     norm_layers: list[dict[str, str]] = field(default_factory=list)   # layer, strategy, action, detail
     lcw_layers: list[dict[str, Any]] = field(default_factory=list)     # layer, rel_weight_change
     lcw_deviation: float | None = None  # max rel output change caused by LCW (vs the original)
+    # set when outputs exceeded the tolerance within float32 rounding: the float64 copy's error
+    float64_conversion_error: float | None = None
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0

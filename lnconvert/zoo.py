@@ -212,18 +212,14 @@ def _onnx_max_rel(result, original) -> tuple[float, bool]:
     return max(r.max_rel for r in rows), all(r.ok for r in rows)
 
 
-def _float64_conversion(model, x, options: ZooOptions) -> str:
-    """Tells float32 weight rounding (amplified by an ill-conditioned model) from a wrong graph:
-    the same conversion of a float64 copy, whose folded weights are not rounded to float32."""
-    import copy
+def _float64_conversion(error: ParityError, model, x) -> str:
+    """Tells float32 weight rounding (amplified by an ill-conditioned model) from a wrong graph."""
+    from .convert import float64_conversion_error
+    from .options import ConvertOptions
 
-    from .convert import convert
-    from .verify import compare
-
-    wide = copy.deepcopy(model).double()
-    result = convert(wide, drop_bn=options.drop_bn, policy=options.policy, residual=options.residual,
-                     example_inputs=x.double(), verify=False)
-    worst = max(p.max_rel for p in compare(wide, result.model, [("random", (x.double(),))], tolerance=1.0))
+    worst = error.report.float64_conversion_error  # measured by convert when within float32 rounding
+    if worst is None:
+        worst = float64_conversion_error(model, ConvertOptions.from_dict(error.report.options), (x,))
     return f"a float64 copy converts to max rel {worst:.1e}"
 
 
@@ -267,7 +263,7 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
             if exc.report is not None:
                 row.update(_report_columns(exc.report))
             try:
-                row["reason"] += f"; {_float64_conversion(model, x, options)}"
+                row["reason"] += f"; {_float64_conversion(exc, model, x)}"
             except Exception as diagnosis:  # e.g. no memory for a float64 copy: the row stands
                 row["reason"] += f"; no float64 check ({type(diagnosis).__name__})"
         elif "can't allocate memory" in str(exc) or isinstance(exc, MemoryError):

@@ -1,0 +1,62 @@
+"""The verification verdict: the tolerance, and outputs that exceed it only by float32 rounding."""
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import lnconvert
+from lnconvert.errors import ParityError
+from lnconvert.testing import randomize_batchnorm
+
+convert_module = importlib.import_module("lnconvert.convert")  # the package's `convert` is the function
+TIGHT = 1e-7  # below what float32 storage of the folded weights allows on this net
+
+
+@pytest.fixture
+def deep_net():
+    """12 conv-BN-ReLU layers with randomised BN statistics: folding into float32 weights
+    moves the output by ~3e-7 relative, the original's own float32 rounding by ~2e-6."""
+    torch.manual_seed(0)
+    layers = []
+    for i in range(12):
+        layers += [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.Conv2d(8, 4, 1)).eval()
+    randomize_batchnorm(net, torch.randn(4, 3, 8, 8))
+    return net, torch.randn(2, 3, 8, 8)
+
+
+def test_within_float32_rounding_passes_when_a_float64_copy_converts_exactly(deep_net):
+    net, x = deep_net
+    report = lnconvert.convert(net, example_inputs=x, tolerance=TIGHT).report
+    (row,) = report.parity
+    assert row.max_rel > TIGHT and row.max_rel <= row.native_noise  # the case this rule is for
+    assert report.status == "exact" and row.ok
+    assert report.float64_conversion_error is not None and report.float64_conversion_error <= TIGHT
+    assert any("only by float32 rounding" in w for w in report.warnings)
+    # at the default tolerance the check never needs the float64 copy
+    default = lnconvert.convert(net, example_inputs=x).report
+    assert default.float64_conversion_error is None and not default.warnings
+
+
+def test_a_float64_copy_that_does_not_convert_exactly_keeps_the_failure(deep_net, monkeypatch):
+    net, x = deep_net
+    monkeypatch.setattr(convert_module, "float64_conversion_error", lambda *args, **kwargs: 1e-3)
+    with pytest.raises(ParityError, match="max rel error") as caught:
+        lnconvert.convert(net, example_inputs=x, tolerance=TIGHT)
+    assert caught.value.report.status == "failed" and caught.value.report.float64_conversion_error == 1e-3
+
+
+def test_float32_verification_excuses_nothing(deep_net, monkeypatch):
+    net, x = deep_net
+    calls = []
+    monkeypatch.setattr(convert_module, "float64_conversion_error", lambda *args, **kwargs: calls.append(1) or 0.0)
+    with pytest.raises(ParityError):
+        lnconvert.convert(net, example_inputs=x, tolerance=1e-12, precision="float32")
+    assert calls == []  # compared as they are: no rounding floor is measured, so none is applied
+
+
+def test_float64_conversion_error_measures_the_same_options(deep_net):
+    net, x = deep_net
+    options = lnconvert.convert(net, example_inputs=x, policy="minmax").options
+    assert convert_module.float64_conversion_error(net, options, (x,)) < 1e-12
