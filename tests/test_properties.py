@@ -169,10 +169,12 @@ def test_consecutive_channel_shuffles():
     assert not {"view", "transpose"} & ops  # both shuffles became layout permutations
 
 
-def test_bn_on_a_constant_channel_is_refused_by_verification_not_passed():
+def test_bn_on_a_constant_channel_passes_only_by_the_float32_rounding_rule():
     """A depthwise conv + saturating hardtanh gives constant channels (running_var 0, mean 0.94),
-    BNs on them scale by 348 and 423: the folded float32 weights are off by 6.9e-4 (relative).
-    Verification refuses it (exit 5); keeping BN converts it exactly."""
+    BNs on them scale by 348 and 423: the folded float32 weights move the output by 6.9e-4
+    (relative), as much as running the original itself in float32 does. It passes only because a
+    float64 copy converts exactly (lnconvert.convert's float32-rounding rule); keeping BN converts
+    it within the tolerance outright."""
     spec = {"stem": {"kind": "conv", "out": 4, "k": 1, "stride": 1, "groups": "1", "bn": "after", "bias": False,
                      "act": None},
             "blocks": [{"kind": "residual", "out": 8, "act": ("celu", "module"), "preact": False,
@@ -183,6 +185,9 @@ def test_bn_on_a_constant_channel_is_refused_by_verification_not_passed():
             "head": {"kind": "gap"}, "bn_stats": True}
     net = build(spec)
     assert _ill_conditioned(net)
-    with pytest.raises(ParityError, match="max rel error"):
-        lnconvert.convert(net, example_inputs=_inputs(1))
+    report = lnconvert.convert(net, example_inputs=_inputs(1)).report
+    (row,) = report.parity
+    assert row.max_rel > report.tolerance and row.max_rel <= row.native_noise
+    assert report.float64_conversion_error is not None and report.float64_conversion_error < 1e-12
+    assert any("only by float32 rounding" in w for w in report.warnings)
     check_random_network(spec, [{"policy": "mirror", "residual": "slice", "drop_bn": False}], training=False)
