@@ -247,8 +247,11 @@ def convert(
         if bad:
             report.status = "failed"
             worst = max(bad, key=lambda p: p.max_rel)
+            checked = "" if report.float64_conversion_error is None else \
+                f" (within float32 rounding, but a float64 copy converts to {report.float64_conversion_error:.1e})"
             raise ParityError(f"converted model differs from the original: {worst.output} on {worst.inputs} "
-                              f"input has max rel error {worst.max_rel:.3e} > tolerance {tolerance:.0e}", report)
+                              f"input has max rel error {worst.max_rel:.3e} > tolerance {tolerance:.0e}{checked}",
+                              report)
         report.status = "partial" if report.status_reasons else "exact"
     if options.lcw:
         with _timed(report, "lcw"):

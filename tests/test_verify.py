@@ -42,7 +42,7 @@ def test_within_float32_rounding_passes_when_a_float64_copy_converts_exactly(dee
 def test_a_float64_copy_that_does_not_convert_exactly_keeps_the_failure(deep_net, monkeypatch):
     net, x = deep_net
     monkeypatch.setattr(convert_module, "float64_conversion_error", lambda *args, **kwargs: 1e-3)
-    with pytest.raises(ParityError, match="max rel error") as caught:
+    with pytest.raises(ParityError, match="a float64 copy converts to 1.0e-03") as caught:
         lnconvert.convert(net, example_inputs=x, tolerance=TIGHT)
     assert caught.value.report.status == "failed" and caught.value.report.float64_conversion_error == 1e-3
 
