@@ -213,14 +213,13 @@ def _onnx_max_rel(result, original) -> tuple[float, bool]:
 
 
 def _float64_conversion(error: ParityError, model, x) -> str:
-    """Tells float32 weight rounding (amplified by an ill-conditioned model) from a wrong graph."""
+    """Tells float32 weight rounding (amplified by an ill-conditioned model) from a wrong graph,
+    when convert's own float32-rounding check did not already measure it (and say so)."""
     from .convert import float64_conversion_error
     from .options import ConvertOptions
 
-    worst = error.report.float64_conversion_error  # measured by convert when within float32 rounding
-    if worst is None:
-        worst = float64_conversion_error(model, ConvertOptions.from_dict(error.report.options), (x,))
-    return f"a float64 copy converts to max rel {worst:.1e}"
+    worst = float64_conversion_error(model, ConvertOptions.from_dict(error.report.options), (x,))
+    return f"; a float64 copy converts to max rel {worst:.1e}"
 
 
 def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
@@ -266,7 +265,8 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
             if exc.report is not None:
                 row.update(_report_columns(exc.report))
             try:
-                row["reason"] += f"; {_float64_conversion(exc, model, x)}"
+                if exc.report.float64_conversion_error is None:
+                    row["reason"] += _float64_conversion(exc, model, x)
             except Exception as diagnosis:  # e.g. no memory for a float64 copy: the row stands
                 row["reason"] += f"; no float64 check ({type(diagnosis).__name__})"
         elif "can't allocate memory" in str(exc) or isinstance(exc, MemoryError):
