@@ -45,17 +45,25 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def _check_supported(model: nn.Module) -> None:
     """Refuse, naming the culprit, what cannot be converted exactly: quantized modules,
-    half-precision weights (folding rounds them by ~1e-3, far above any tolerance) and NaN/Inf."""
+    half-precision weights (folding rounds them by ~1e-3, far above any tolerance), NaN anywhere
+    and Inf in parameters or BatchNorm statistics."""
     for name, module in model.named_modules():
         where = type(module).__module__
         if where.startswith("torch.") and ".quantized" in where:
             raise UnsupportedModelError(f"module '{name}' is quantized ({type(module).__name__}); "
                                         f"convert the floating-point model, then quantize the result")
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    bn_stats = {f"{name}.{stat}".lstrip(".") for name, m in model.named_modules() if isinstance(m, BATCHNORM_MODULES)
+                for stat in ("running_mean", "running_var")}
+    parameters = dict(model.named_parameters())
+    for name, tensor in [*parameters.items(), *model.named_buffers()]:
         if tensor.dtype in _LOW_PRECISION:
             raise UnsupportedModelError(f"parameter '{name}' is {str(tensor.dtype).removeprefix('torch.')}; convert "
                                         f"the float32 model (model.float()) and cast the result back afterwards")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            continue
+        # other buffers may hold +-Inf on purpose (clamp bounds, masks): only NaN is broken there
+        finite = torch.isfinite(tensor) if name in parameters or name in bn_stats else ~torch.isnan(tensor)
+        if not finite.all():
             raise UnsupportedModelError(f"parameter '{name}' contains NaN or Inf; refusing to convert")
 
 

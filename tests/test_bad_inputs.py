@@ -30,6 +30,7 @@ from lnconvert.calibrate import batchnorm_without_stats, calibrate_batchnorm
 from lnconvert.cli import app
 from lnconvert.errors import EXIT_CODES, ModelSourceError, UnsupportedModelError, UsageError
 from lnconvert.models import load_model
+from lnconvert.testing import randomize_batchnorm
 
 from . import bad_models
 
@@ -308,3 +309,29 @@ def test_in_place_activation_through_a_view_is_refused_not_mistranslated():
         lnconvert.convert(WritesThroughAView(read_later=True).eval(), example_inputs=x16())
     result = lnconvert.convert(WritesThroughAView(read_later=False).eval(), example_inputs=x16())
     assert result.report.status == "exact"
+
+
+class ClampBounds(nn.Module):
+    """Infinite clamp bounds kept as buffers (as timm's gemma4 ViT does): legitimate, not broken."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)
+        self.register_buffer("low", torch.tensor(float("-inf")))
+        self.register_buffer("high", torch.tensor(float("inf")))
+
+    def forward(self, x):
+        return self.head(self.act(self.bn(self.conv(x.clamp(self.low, self.high)))))
+
+
+def test_infinite_buffers_are_allowed_but_not_in_batchnorm_statistics():
+    net = ClampBounds().eval()
+    randomize_batchnorm(net, torch.randn(4, 3, 8, 8))
+    assert lnconvert.convert(net, example_inputs=torch.randn(2, 3, 8, 8)).report.status == "exact"
+    net.low.fill_(float("nan"))
+    with pytest.raises(UnsupportedModelError, match="'low' contains NaN"):
+        lnconvert.convert(net, example_inputs=torch.randn(2, 3, 8, 8))
+    net.low.fill_(float("-inf"))
+    net.bn.running_var[1] = float("inf")
+    with pytest.raises(UnsupportedModelError, match="'bn.running_var' contains NaN or Inf"):
+        lnconvert.convert(net, example_inputs=torch.randn(2, 3, 8, 8))
