@@ -205,11 +205,8 @@ def _remap_channels(value: torch.Tensor, old: Layout, new: Layout) -> torch.Tens
 
 def rebuild(conversion: ConversionResult, twins: dict[str, list[int]]) -> fx.GraphModule:
     """Convert the source again keeping only ``twins``, then move the weights over."""
-    options = conversion.options
-    new = convert(conversion.source, drop_bn=options.drop_bn, link=options.link, policy=options.policy,
-                  activations=options.activations, residual=options.residual,
-                  example_inputs=conversion.example_inputs, verify=False, leaf_modules=options.leaf_modules,
-                  twins=twins, norm=options.norm).model
+    kwargs = conversion.options.graph_kwargs() | {"twins": twins}  # every option, so no strategy is dropped
+    new = convert(conversion.source, example_inputs=conversion.example_inputs, verify=False, **kwargs).model
     _move_weights(conversion.model, new)
     return new.train(conversion.model.training)
 

@@ -108,8 +108,7 @@ def float64_conversion_error(model: nn.Module, options: ConvertOptions, inputs: 
     ``checks`` batches (default: ``inputs``): free of float32 storage of folded weights, it tells
     a wrong graph (large) from float32 rounding amplified by an ill-conditioned model (tiny)."""
     wide = copy.deepcopy(model).double()
-    kwargs = {k: v for k, v in options.to_dict().items() if k not in ("tolerance", "precision")}
-    kwargs["lcw"] = False  # LCW changes the function by design; it is measured separately
+    kwargs = options.graph_kwargs() | {"lcw": False}  # LCW changes the function by design: measured apart
     converted = convert(wide, example_inputs=tuple(t.double() for t in inputs), verify=False, **kwargs).model
     wide_checks = [(label, tuple(t.double() for t in args)) for label, args in (checks or [("random", inputs)])]
     return max(p.max_rel for p in compare(wide, converted, wide_checks, tolerance=1.0))

@@ -168,9 +168,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if not spec.get("source"):
             raise ModelSourceError(f"{path} was converted from an in-memory model; pass model= to load it")
         model = load_model(spec["source"])
-    options = ConvertOptions.from_dict(spec["options"]).to_dict()
-    options.pop("precision")
-    options.pop("tolerance")
+    options = ConvertOptions.from_dict(spec["options"]).graph_kwargs()
     inputs = tuple(torch.zeros(shape) for shape in spec["input_shape"])
     if spec.get("calibrated"):  # for the graph's structure only: the saved weights replace the statistics
         from .calibrate import calibrate_batchnorm

@@ -54,6 +54,11 @@ class ConvertOptions:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def graph_kwargs(self) -> dict[str, Any]:
+        """The ``convert()`` keyword arguments that decide the converted graph (all but the
+        verification settings): rebuilding with them gives the same graph (load, compact)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("tolerance", "precision")}
+
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "ConvertOptions":
         """Inverse of :meth:`to_dict` after a JSON round trip (lists back to tuples)."""
