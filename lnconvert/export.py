@@ -82,13 +82,11 @@ def without_parametrizations(model: nn.Module) -> nn.Module:
 
     if not any(parametrize.is_parametrized(m) for m in model.modules()):
         return model
-    from .finetune import own_parametrized_class
+    from .finetune import unparametrize
 
     baked = copy.deepcopy(model)
     for module in [m for m in baked.modules() if parametrize.is_parametrized(m)]:
-        own_parametrized_class(module)  # the copy shares torch's generated class with the original
-        for name in list(module.parametrizations):
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        unparametrize(module, list(module.parametrizations))  # leaves the original model parametrized
     return baked
 
 

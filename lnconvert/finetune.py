@@ -109,27 +109,29 @@ def split_twins(model: nn.Module) -> nn.Module:
     return model
 
 
-def own_parametrized_class(module: nn.Module) -> None:
-    """Give ``module`` a private copy of its generated ``Parametrized<X>`` class.
+def unparametrize(module: nn.Module, names: list[str]) -> None:
+    """Remove the parametrizations of ``names`` from ``module``, leaving plain weights with the
+    current values, without touching any other model.
 
-    ``copy.deepcopy`` shares that class between a model and its copies, and
-    ``remove_parametrizations`` deletes the weight's property from the class: merging a copy
-    would otherwise break the original ("'ParametrizedConv2d' object has no attribute 'weight'").
+    ``copy.deepcopy`` shares torch's generated ``Parametrized<X>`` class between a model and its
+    copies, and ``remove_parametrizations`` deletes the weight's property from that class: done
+    on a copy it would break the original ("'ParametrizedConv2d' object has no attribute
+    'weight'"). So ``module`` first gets a private copy of its class.
     """
+    if not names:
+        return
     cls = module.__class__
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    for name in names:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
 def merge_twins(model: nn.Module) -> nn.Module:
     """Undo :func:`split_twins` in place: plain weights holding the current values. Safe on a
     deep copy of a split model (the original stays split and working)."""
     for module in model.modules():
-        names = [n for n in list(getattr(module, "parametrizations", {}) or {}) if _is_split(module, n)]
-        if names:
-            own_parametrized_class(module)
-        for name in names:
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        unparametrize(module, [n for n in list(getattr(module, "parametrizations", {}) or {}) if _is_split(module, n)])
     return model
 
 
