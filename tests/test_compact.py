@@ -14,6 +14,8 @@ from .conftest import prepared
 from .helpers import tiny_net
 from .test_passes import Residual
 
+FLOAT64_SAME_FUNCTION = 1e-12  # relative; float64 sums in another order agree to ~1e-15
+
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_fresh_conversion_compacts_back_to_the_original_cost(name):
@@ -21,14 +23,16 @@ def test_fresh_conversion_compacts_back_to_the_original_cost(name):
     result = lnconvert.convert(model, example_inputs=x)
     compacted = compact(result)
     assert compacted.report.macs_after == result.report.macs_before  # back to the original MACs
-    assert compacted.report.max_rel_deviation == 0.0  # float64: the same function
+    # Same function, measured in float64: the bound allows for summation order, which differs
+    # between CPUs and BLAS builds (4e-15 seen on another x86-64 machine).
+    assert compacted.report.max_rel_deviation < FLOAT64_SAME_FUNCTION
     assert not any(isinstance(m, LinkedActivation) for m in compacted.model.modules())
     with torch.no_grad():
         y_conv, y_comp = result.model(x), compacted.model(x)
-    if name == "resnet18":
-        assert torch.equal(y_conv, y_comp)  # same kernels: bit for bit
-    else:  # depthwise convs go from 2 inputs per group back to 1: float32 rounding differs
-        assert parity(y_conv, y_comp)[1] < 1e-5
+    # float32: dropping zero input channels changes how a conv kernel blocks its sums on some
+    # CPUs (bitwise equal here for resnet18, not guaranteed elsewhere); depthwise convs go from
+    # 2 inputs per group back to 1.
+    assert parity(y_conv, y_comp)[1] < 1e-5
 
 
 def _fine_tune_twins(model: nn.Module, fraction: float, seed: int = 0) -> None:

@@ -128,7 +128,8 @@ def test_deep_control_is_batch_independent(train):
     batch = torch.randn(5, 3, 6, 6)
     together = layer(batch)
     for i in range(5):
-        torch.testing.assert_close(layer(batch[i:i + 1]), together[i:i + 1], rtol=0, atol=0)
+        # batch 1 and batch 5 may take differently vectorised reductions: float32 tolerance
+        torch.testing.assert_close(layer(batch[i:i + 1]), together[i:i + 1], rtol=1e-6, atol=1e-6)
 
 
 def test_deep_control_from_batchnorm_is_the_bn_at_alpha_0():
