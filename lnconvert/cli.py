@@ -153,6 +153,8 @@ def convert_cmd(
     precision: str = typer.Option("float64", help="Verify in float64 (conversion error alone) or float32."),
     leaf: Optional[List[str]] = typer.Option(None, help="Submodule to keep opaque when tracing (repeatable)."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
+    trust_source: bool = typer.Option(False, "--trust-source", help="Let a saved model whose spec names a "
+                                      "module:callable architecture import and run it (only for files you trust)."),
     calibrate: Optional[Path] = typer.Option(None, help="Inputs (a .pt or .npy file holding one tensor (N, C, ...)) "
                                              "to estimate running statistics for BatchNorm layers that have none "
                                              "(track_running_stats=False); without it such a model is refused "
@@ -183,7 +185,7 @@ def convert_cmd(
             if extra is not None:
                 check_output_path(extra, force)
         with err.status(f"loading {model}"):
-            net = load_model(model, weights, trust_pickle=trust_pickle)
+            net = load_model(model, weights, trust_pickle=trust_pickle, trust_source=trust_source)
         if weights is None:
             err.print(f"note: no --weights given; converting {model}'s own (random) initialisation")
         net = _calibrated(net, calibrate, drop_bn)
@@ -266,6 +268,8 @@ def verify_onnx_cmd(
                                                    "(N, C, H, W), checked in batches of 32."),
     tolerance: float = typer.Option(1e-5, help="Max relative error (or 4x the reference's own float32 floor)."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
+    trust_source: bool = typer.Option(False, "--trust-source", help="Let a saved model whose spec names a "
+                                      "module:callable architecture import and run it (only for files you trust)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Check an existing ONNX file against a PyTorch reference in ONNX Runtime; exit 5 on mismatch."""
@@ -275,7 +279,7 @@ def verify_onnx_cmd(
     try:
         size = _parse_size(input_size)
         with err.status(f"loading {reference}"):
-            ref = load_model(reference, weights, trust_pickle=trust_pickle)
+            ref = load_model(reference, weights, trust_pickle=trust_pickle, trust_source=trust_source)
         user = [] if data is None else [(f"{data.name}[{i}]", (chunk,)) for i, chunk in
                                          enumerate(_read_tensor_file(data, "--data").split(32))]
         if size is None and user:
@@ -297,18 +301,21 @@ def compact_cmd(
     target_macs: Optional[str] = typer.Option(None, help="MAC budget relative to the original model, e.g. 1.2x."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: SAVED-compact.safetensors."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    trust_source: bool = typer.Option(False, "--trust-source", help="Let a saved model whose spec names a "
+                                      "module:callable architecture import and run it (only for files you trust)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Remove twins that cannot change the output (exact), then the least salient ones to meet --target-macs."""
     from .compact import compact
-    from .io import check_output_path, read_spec, save, spec_for
+    from .io import check_output_path, load_result, read_spec, save, spec_for
 
     try:
         target = check_output_path(output or saved_model.with_name(saved_model.name.replace(
             ".safetensors", "") + "-compact.safetensors"), force)
         batches = None if data is None else list(_read_tensor_file(data, "--data").split(32))
         with err.status(f"compacting {saved_model}"):
-            result = compact(saved_model, data=batches, target_macs=target_macs)
+            result = compact(load_result(saved_model, trust_source=trust_source), data=batches,
+                             target_macs=target_macs)
         rep = result.report
         table = Table(title=f"lnconvert compact: {saved_model}", show_header=False, title_justify="left")
         for label, value in (

@@ -51,6 +51,20 @@ def resolve(name: str) -> tuple[str, str]:
     raise ModelSourceError(f"unknown model '{name}'{hint}")
 
 
+def is_registry_name(name: str) -> bool:
+    """Whether ``name`` is a torchvision or timm registry name: building it imports no code
+    that the name chooses (unlike ``module:callable`` or a file path)."""
+    if ":" in name or Path(name).suffix in (".safetensors", ".pt2") or name.endswith(".torchscript.pt"):
+        return False
+    try:
+        library, arch = resolve(name)
+    except ModelSourceError:
+        return False
+    if library == "torchvision":
+        return arch in torchvision_names()
+    return library == "timm" and arch.split(".")[0] in timm_names()  # not hf-hub: (network) or other schemes
+
+
 def _build(library: str, arch: str, official: bool) -> nn.Module:
     if library == "torchvision":
         import torchvision
@@ -71,16 +85,18 @@ def _build(library: str, arch: str, official: bool) -> nn.Module:
     return model
 
 
-def load_model(name: str, weights: str | None = None, *, trust_pickle: bool = False) -> nn.Module:
+def load_model(name: str, weights: str | None = None, *, trust_pickle: bool = False,
+               trust_source: bool = False) -> nn.Module:
     """Build a model by name with ``weights``: None (the architecture's own initialisation),
     ``"DEFAULT"`` (official weights; needs network or a local cache) or a checkpoint path.
-    A path to a saved lnconvert model (``.safetensors``, ``.pt2``, ``.torchscript.pt``) loads it."""
+    A path to a saved lnconvert model (``.safetensors``, ``.pt2``, ``.torchscript.pt``) loads it
+    (``trust_source`` as in :func:`lnconvert.load`)."""
     if Path(name).suffix in (".safetensors", ".pt2") or name.endswith(".torchscript.pt"):
         from .io import load
 
         if weights is not None:
             raise ModelSourceError(f"{name} is a saved lnconvert model; it carries its own weights (drop --weights)")
-        return load(name)  # already in eval mode (a pt2 module cannot even switch modes)
+        return load(name, trust_source=trust_source)  # already in eval mode (a pt2 module cannot switch modes)
     library, arch = resolve(name)
     official = weights is not None and weights.upper() == "DEFAULT"
     try:
