@@ -131,9 +131,13 @@ def convert_cmd(
     lcw: bool = typer.Option(False, "--lcw", help="Also project every conv/linear onto zero-sum weights per unit "
                                                   "(LCW). Changes the function by design: verified before the "
                                                   "projection, its deviation reported (status 'changed')."),
-    weights: Optional[str] = typer.Option(None, help="Checkpoint PATH (.pt/.pth/.safetensors), or DEFAULT "
+    weights: Optional[str] = typer.Option(None, help="Checkpoint PATH (.pt/.pth/.bin/.safetensors, a sharded "
+                                                     "*.index.json or a Hugging Face-style directory), or DEFAULT "
                                                      "for official weights (needs network). "
                                                      "Default: the architecture's own initialisation."),
+    weights_key: Optional[str] = typer.Option(None, "--weights-key", help="Where the state dict sits in the "
+                                              "checkpoint, as a dotted path (e.g. state_dict_ema, state_dict.model); "
+                                              "default: the one nested dict that matches the model."),
     input_size: Optional[str] = typer.Option(None, help="Example input C,H,W (default: the model's config, "
                                                         "else 3,224,224)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Saved model path "
@@ -185,7 +189,8 @@ def convert_cmd(
             if extra is not None:
                 check_output_path(extra, force)
         with err.status(f"loading {model}"):
-            net = load_model(model, weights, trust_pickle=trust_pickle, trust_source=trust_source)
+            net = load_model(model, weights, trust_pickle=trust_pickle, trust_source=trust_source,
+                             weights_key=weights_key)
         if weights is None:
             err.print(f"note: no --weights given; converting {model}'s own (random) initialisation")
         net = _calibrated(net, calibrate, drop_bn)
@@ -262,6 +267,9 @@ def verify_onnx_cmd(
     reference: str = typer.Option(..., help="The model it must match: a torchvision/timm name (with --weights) "
                                             "or a saved lnconvert model."),
     weights: Optional[str] = typer.Option(None, help="Checkpoint for --reference (as in convert)."),
+    weights_key: Optional[str] = typer.Option(None, "--weights-key", help="Where the state dict sits in the "
+                                              "checkpoint, as a dotted path (e.g. state_dict_ema, state_dict.model); "
+                                              "default: the one nested dict that matches the model."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W when the ONNX input has dynamic spatial dims."),
     batch: List[int] = typer.Option([1, 4], help="Batch sizes to check (repeatable)."),
     data: Optional[Path] = typer.Option(None, help="Also check on your inputs: a .pt file holding one tensor "
@@ -279,7 +287,8 @@ def verify_onnx_cmd(
     try:
         size = _parse_size(input_size)
         with err.status(f"loading {reference}"):
-            ref = load_model(reference, weights, trust_pickle=trust_pickle, trust_source=trust_source)
+            ref = load_model(reference, weights, trust_pickle=trust_pickle, trust_source=trust_source,
+                             weights_key=weights_key)
         user = [] if data is None else [(f"{data.name}[{i}]", (chunk,)) for i, chunk in
                                          enumerate(_read_tensor_file(data, "--data").split(32))]
         if size is None and user:
