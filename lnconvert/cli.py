@@ -13,6 +13,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .errors import EXIT_CODES, LnConvertError, ParityError, UsageError
+from .report import DEFAULT_TOLERANCE
 
 err = Console(stderr=True)
 out = Console()
@@ -153,7 +154,7 @@ def convert_cmd(
                                            "as ONNX-stem.opt.onnx and check it the same way."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the original."),
-    tolerance: float = typer.Option(1e-5, help="Max relative error: max|delta| / max(1, max|y|)."),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE, help="Max relative error: max|delta| / max(1, max|y|)."),
     precision: str = typer.Option("float64", help="Verify in float64 (conversion error alone) or float32."),
     leaf: Optional[List[str]] = typer.Option(None, help="Submodule to keep opaque when tracing (repeatable)."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
@@ -167,7 +168,7 @@ def convert_cmd(
 ) -> None:
     """Convert MODEL, verify it against the original and save it (safetensors + spec)."""
     from .convert import convert
-    from .io import FORMATS, check_output_path, save, spec_for
+    from .io import FORMATS, check_output_path, save_with_spec, spec_for
     from .models import load_model
     from .trace import default_example_inputs
 
@@ -208,7 +209,7 @@ def convert_cmd(
         if target is not None:
             spec = spec_for(model, weights, result.report.options, [list(t.shape) for t in inputs],
                             result.report.to_dict(), calibrated=calibrate is not None)
-            save(result.model, target, spec, force=force, format=save_format)
+            save_with_spec(result.model, target, spec, force=force, format=save_format)
             out.print(f"saved {target}")
         if onnx is not None:
             from .export import export_onnx, require_parity, verify_onnx
@@ -274,7 +275,7 @@ def verify_onnx_cmd(
     batch: List[int] = typer.Option([1, 4], help="Batch sizes to check (repeatable)."),
     data: Optional[Path] = typer.Option(None, help="Also check on your inputs: a .pt file holding one tensor "
                                                    "(N, C, H, W), checked in batches of 32."),
-    tolerance: float = typer.Option(1e-5, help="Max relative error (or 4x the reference's own float32 floor)."),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE, help="Max relative error (or 4x the reference's own float32 floor)."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
     trust_source: bool = typer.Option(False, "--trust-source", help="Let a saved model whose spec names a "
                                       "module:callable architecture import and run it (only for files you trust)."),
@@ -289,11 +290,11 @@ def verify_onnx_cmd(
         with err.status(f"loading {reference}"):
             ref = load_model(reference, weights, trust_pickle=trust_pickle, trust_source=trust_source,
                              weights_key=weights_key)
-        user = [] if data is None else [(f"{data.name}[{i}]", (chunk,)) for i, chunk in
-                                         enumerate(_read_tensor_file(data, "--data").split(32))]
+        user = [] if data is None else list(_read_tensor_file(data, "--data").split(32))
         if size is None and user:
-            size = tuple(user[0][1][0].shape[1:])
-        rows = verify_onnx(onnx_file, ref, inputs=user, sample_shape=size, batch_sizes=batch, tolerance=tolerance)
+            size = tuple(user[0].shape[1:])
+        rows = verify_onnx(onnx_file, ref, data=user, data_label=data.name if data else "data", sample_shape=size,
+                           batch_sizes=batch, tolerance=tolerance)
         print_parity(rows, f"ONNX Runtime vs {reference}: {onnx_file}", out)
         require_parity(rows, onnx_file)
     except (typer.Exit, click.exceptions.Exit):
@@ -316,7 +317,7 @@ def compact_cmd(
 ) -> None:
     """Remove twins that cannot change the output (exact), then the least salient ones to meet --target-macs."""
     from .compact import compact
-    from .io import check_output_path, load_result, read_spec, save, spec_for
+    from .io import check_output_path, load_result, read_spec, save_with_spec, spec_for
 
     try:
         target = check_output_path(output or saved_model.with_name(saved_model.name.replace(
@@ -340,8 +341,8 @@ def compact_cmd(
             out.print(f"note: {note}")
         spec = read_spec(saved_model)
         options = result.conversion.options.to_dict() | {"twins": result.twins}
-        save(result.model, target, spec_for(spec["source"], spec.get("weights"), options, spec["input_shape"],
-                                            spec["report"]), force=force)
+        save_with_spec(result.model, target, spec_for(spec["source"], spec.get("weights"), options,
+                                                      spec["input_shape"], spec["report"]), force=force)
         out.print(f"saved {target}")
     except (typer.Exit, click.exceptions.Exit):
         raise

@@ -15,9 +15,10 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import fx, nn
@@ -25,6 +26,9 @@ from torch import fx, nn
 from . import __version__
 from .errors import LnConvertError, ModelSourceError, OutputError, UsageError, one_line
 from .options import ConvertOptions
+
+if TYPE_CHECKING:
+    from .convert import ConversionResult
 
 SPEC_KEY = "lnconvert_spec"
 SPEC_FILE = "lnconvert_spec.json"
@@ -75,10 +79,34 @@ def atomic_path(path: str | Path) -> Iterator[str]:
         raise
 
 
-def save(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = False,
-         format: str = "safetensors") -> Path:
-    """Write ``model`` and ``spec`` (from :func:`spec_for`) to ``path`` atomically."""
-    return save_with_spec(model, path, spec, force=force, format=format)
+def save(result: "ConversionResult | fx.GraphModule", path: str | Path, spec: dict | None = None, *,
+         force: bool = False, format: str = "safetensors") -> Path:
+    """Write a conversion to ``path`` atomically: ``result`` is a :class:`ConversionResult`
+    or the model it holds (e.g. after fine-tuning), saved with its current weights (split
+    twins merged; the live model stays split). ``format``: ``safetensors`` (weights + spec,
+    reloaded by :func:`load`), ``pt2`` or ``torchscript``. ``force`` overwrites.
+
+    ``save(model, path, spec)`` with a spec from :func:`spec_for` is deprecated."""
+    from .convert import ConversionResult, as_result
+
+    if spec is not None:
+        warnings.warn("save(model, path, spec) is deprecated; pass the ConversionResult (or the model lnconvert "
+                      "returned): save(result, path)", DeprecationWarning, stacklevel=2)
+        model = result.model if isinstance(result, ConversionResult) else result
+        return save_with_spec(model, path, spec, force=force, format=format)
+    result = as_result(result, "save")
+    return save_with_spec(result.model, path, spec_of(result), force=force, format=format)
+
+
+def spec_of(result: "ConversionResult") -> dict:
+    """The spec :func:`save` writes for ``result``: its source by name when
+    :func:`lnconvert.load_model` built it (unchanged since), else none (in-memory model:
+    :func:`load` then needs ``model=``)."""
+    from .models import source_name
+
+    name, weights = source_name(result.source)
+    return spec_for(name, weights, result.options.to_dict(), [list(t.shape) for t in result.example_inputs],
+                    result.report.to_dict())
 
 
 def save_with_spec(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = False,
@@ -99,15 +127,19 @@ def save_with_spec(model: fx.GraphModule, path: str | Path, spec: dict, *, force
                 save_file({k: v.detach().contiguous() for k, v in plain_state_dict(model).items()}, tmp,
                           metadata={SPEC_KEY: text})
             else:
-                _save_deployment(model.eval(), tmp, spec, text, format)
+                _save_deployment(model, tmp, spec, text, format)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 
 
 def _save_deployment(model: nn.Module, tmp: str, spec: dict, text: str, format: str) -> None:
+    from .export import without_parametrizations
+    from .verify import eval_mode
+
     example = tuple(torch.zeros(shape) for shape in spec["input_shape"])
-    with torch.no_grad():
+    model = without_parametrizations(model)  # a copy when split for fine-tuning: the live model is untouched
+    with torch.no_grad(), eval_mode(model):
         if format == "pt2":
             batch = torch.export.Dim("batch", min=1)
             program = torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in example))

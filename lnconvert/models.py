@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,6 +49,25 @@ def resolve(name: str) -> tuple[str, str]:
     close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `lnconvert list PATTERN` shows known names"
     raise ModelSourceError(f"unknown model '{name}'{hint}")
+
+
+# model built by load_model -> (name, weights, structure at load): what lnconvert.save records as the
+# source, so that lnconvert.load can rebuild it; a model changed since (a new head) has no name
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str | None, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module) -> tuple:
+    return (tuple((name, type(m).__qualname__) for name, m in model.named_modules()),
+            tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+
+
+def source_name(model: nn.Module | None) -> tuple[str | None, str | None]:
+    """(name, weights) that :func:`load_model` built ``model`` from, if its modules and state
+    shapes are unchanged since; else (None, None): an in-memory model."""
+    entry = _SOURCES.get(model) if model is not None else None
+    if entry is None or entry[2] != _structure(model):
+        return None, None
+    return entry[0], entry[1]
 
 
 def is_registry_name(name: str) -> bool:
@@ -111,6 +131,7 @@ def load_model(name: str, weights: str | None = None, *, trust_pickle: bool = Fa
         raise ModelSourceError(f"cannot build {name}: {type(exc).__name__}: {exc}") from exc
     if weights is not None and not official:
         load_weights(model, weights, trust_pickle=trust_pickle, weights_key=weights_key)
+    _SOURCES[model] = (name, weights, _structure(model))
     return model.eval()
 
 
