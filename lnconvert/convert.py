@@ -61,7 +61,12 @@ class ConversionRecord:
 
 def as_result(obj: object, what: str) -> ConversionResult:
     """``obj`` as a :class:`ConversionResult`: itself, or a GraphModule returned by
-    :func:`convert` / :func:`lnconvert.load` (its current weights, its recorded conversion)."""
+    :func:`convert` / :func:`lnconvert.load` (its current weights, its recorded conversion),
+    or a :class:`lnconvert.CompactResult` (its compacted model)."""
+    from .compact import CompactResult
+
+    if isinstance(obj, CompactResult):  # its .conversion keeps the uncompacted options: use the model's record
+        obj = obj.model
     if isinstance(obj, ConversionResult):
         if obj.options is None:
             raise UsageError(f"{what}: this ConversionResult has no options; use the one lnconvert.convert returned")

@@ -142,8 +142,10 @@ def test_converted_model_alone_compacts_and_exports(tmp_path):
     gm = lnconvert.convert(model, example_inputs=x).model
     compacted = lnconvert.compact(gm)
     assert compacted.report.removed == {"zero-weight": 6 + 4}  # every twin right after conversion
+    lnconvert.save(compacted, tmp_path / "c.safetensors")  # the compacted model, with its twin subset
     with torch.no_grad():
         torch.testing.assert_close(compacted.model.eval()(x), gm.eval()(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(lnconvert.load(tmp_path / "c.safetensors", model=model)(x), compacted.model(x))
     path = lnconvert.export_onnx(gm, tmp_path / "m.onnx")
     assert all(row.ok for row in lnconvert.verify_onnx(path, model, batch_sizes=(1, 3)))
 
