@@ -7,11 +7,11 @@ from .convert import ConversionResult, convert, remaining_batchnorm  # noqa: E40
 from .errors import LnConvertError  # noqa: E402
 from .export import export_onnx, verify_onnx  # noqa: E402
 from .finetune import merge_twins, param_groups, split_twins  # noqa: E402
-from .io import load, save  # noqa: E402
+from .io import load, load_result, save  # noqa: E402
 from .models import load_model  # noqa: E402
 from .report import ConversionReport  # noqa: E402
 from .rules import register_rule  # noqa: E402
 
 __all__ = ["CompactResult", "ConversionReport", "ConversionResult", "LnConvertError", "__version__",
-           "calibrate_batchnorm", "compact", "convert", "export_onnx", "load", "load_model", "merge_twins", "param_groups", "register_rule", "remaining_batchnorm",
+           "calibrate_batchnorm", "compact", "convert", "export_onnx", "load", "load_model", "load_result", "merge_twins", "param_groups", "register_rule", "remaining_batchnorm",
            "save", "split_twins", "verify_onnx"]

@@ -23,11 +23,18 @@ def batchnorm_without_stats(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+def calibrate_batchnorm(model: nn.Module, data: Iterable[torch.Tensor] | None = None, *,
+                        batches: Iterable[torch.Tensor] | None = None) -> nn.Module:
     """A copy of ``model`` in eval mode in which every BatchNorm without running statistics
-    has them: the mean and variance of its inputs over all ``batches`` (a cumulative average,
-    as ``momentum=None`` gives). Everything else runs in eval mode meanwhile, so BNs that
-    have statistics, dropout etc. are untouched. ``model`` itself is not modified."""
+    has them: the mean and variance of its inputs over all ``data`` batches (a cumulative
+    average, as ``momentum=None`` gives). Everything else runs in eval mode meanwhile, so BNs
+    that have statistics, dropout etc. are untouched. ``model`` itself is not modified.
+    ``batches`` is the deprecated name of ``data``."""
+    from .convert import renamed_argument
+
+    data = renamed_argument(data, batches, "batches", "data", "calibrate_batchnorm")
+    if data is None:
+        raise UsageError("calibrate_batchnorm needs data (batches of inputs)")
     calibrated = copy.deepcopy(model).eval()
     names = batchnorm_without_stats(calibrated)
     momenta = {}
@@ -40,7 +47,7 @@ def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn
         bn.track_running_stats, momenta[name], bn.momentum = True, bn.momentum, None
         bn.train()
     samples = 0
-    for batch in batches:
+    for batch in data:
         try:
             calibrated(batch)
         except Exception as exc:

@@ -13,6 +13,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .errors import EXIT_CODES, LnConvertError, ParityError, UsageError
+from .report import DEFAULT_TOLERANCE
 
 err = Console(stderr=True)
 out = Console()
@@ -131,9 +132,13 @@ def convert_cmd(
     lcw: bool = typer.Option(False, "--lcw", help="Also project every conv/linear onto zero-sum weights per unit "
                                                   "(LCW). Changes the function by design: verified before the "
                                                   "projection, its deviation reported (status 'changed')."),
-    weights: Optional[str] = typer.Option(None, help="Checkpoint PATH (.pt/.pth/.safetensors), or DEFAULT "
+    weights: Optional[str] = typer.Option(None, help="Checkpoint PATH (.pt/.pth/.bin/.safetensors, a sharded "
+                                                     "*.index.json or a Hugging Face-style directory), or DEFAULT "
                                                      "for official weights (needs network). "
                                                      "Default: the architecture's own initialisation."),
+    weights_key: Optional[str] = typer.Option(None, "--weights-key", help="Where the state dict sits in the "
+                                              "checkpoint, as a dotted path (e.g. state_dict_ema, state_dict.model); "
+                                              "default: the one nested dict that matches the model."),
     input_size: Optional[str] = typer.Option(None, help="Example input C,H,W (default: the model's config, "
                                                         "else 3,224,224)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Saved model path "
@@ -149,10 +154,12 @@ def convert_cmd(
                                            "as ONNX-stem.opt.onnx and check it the same way."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the original."),
-    tolerance: float = typer.Option(1e-5, help="Max relative error: max|delta| / max(1, max|y|)."),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE, help="Max relative error: max|delta| / max(1, max|y|)."),
     precision: str = typer.Option("float64", help="Verify in float64 (conversion error alone) or float32."),
     leaf: Optional[List[str]] = typer.Option(None, help="Submodule to keep opaque when tracing (repeatable)."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
+    trust_source: bool = typer.Option(False, "--trust-source", help="Let a saved model whose spec names a "
+                                      "module:callable architecture import and run it (only for files you trust)."),
     calibrate: Optional[Path] = typer.Option(None, help="Inputs (a .pt or .npy file holding one tensor (N, C, ...)) "
                                              "to estimate running statistics for BatchNorm layers that have none "
                                              "(track_running_stats=False); without it such a model is refused "
@@ -161,7 +168,7 @@ def convert_cmd(
 ) -> None:
     """Convert MODEL, verify it against the original and save it (safetensors + spec)."""
     from .convert import convert
-    from .io import FORMATS, check_output_path, save, spec_for
+    from .io import FORMATS, check_output_path, save_with_spec, spec_for
     from .models import load_model
     from .trace import default_example_inputs
 
@@ -183,7 +190,8 @@ def convert_cmd(
             if extra is not None:
                 check_output_path(extra, force)
         with err.status(f"loading {model}"):
-            net = load_model(model, weights, trust_pickle=trust_pickle)
+            net = load_model(model, weights, trust_pickle=trust_pickle, trust_source=trust_source,
+                             weights_key=weights_key)
         if weights is None:
             err.print(f"note: no --weights given; converting {model}'s own (random) initialisation")
         net = _calibrated(net, calibrate, drop_bn)
@@ -201,7 +209,7 @@ def convert_cmd(
         if target is not None:
             spec = spec_for(model, weights, result.report.options, [list(t.shape) for t in inputs],
                             result.report.to_dict(), calibrated=calibrate is not None)
-            save(result.model, target, spec, force=force, format=save_format)
+            save_with_spec(result.model, target, spec, force=force, format=save_format)
             out.print(f"saved {target}")
         if onnx is not None:
             from .export import export_onnx, require_parity, verify_onnx
@@ -260,12 +268,17 @@ def verify_onnx_cmd(
     reference: str = typer.Option(..., help="The model it must match: a torchvision/timm name (with --weights) "
                                             "or a saved lnconvert model."),
     weights: Optional[str] = typer.Option(None, help="Checkpoint for --reference (as in convert)."),
+    weights_key: Optional[str] = typer.Option(None, "--weights-key", help="Where the state dict sits in the "
+                                              "checkpoint, as a dotted path (e.g. state_dict_ema, state_dict.model); "
+                                              "default: the one nested dict that matches the model."),
     input_size: Optional[str] = typer.Option(None, help="C,H,W when the ONNX input has dynamic spatial dims."),
     batch: List[int] = typer.Option([1, 4], help="Batch sizes to check (repeatable)."),
     data: Optional[Path] = typer.Option(None, help="Also check on your inputs: a .pt file holding one tensor "
                                                    "(N, C, H, W), checked in batches of 32."),
-    tolerance: float = typer.Option(1e-5, help="Max relative error (or 4x the reference's own float32 floor)."),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE, help="Max relative error (or 4x the reference's own float32 floor)."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
+    trust_source: bool = typer.Option(False, "--trust-source", help="Let a saved model whose spec names a "
+                                      "module:callable architecture import and run it (only for files you trust)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Check an existing ONNX file against a PyTorch reference in ONNX Runtime; exit 5 on mismatch."""
@@ -275,12 +288,13 @@ def verify_onnx_cmd(
     try:
         size = _parse_size(input_size)
         with err.status(f"loading {reference}"):
-            ref = load_model(reference, weights, trust_pickle=trust_pickle)
-        user = [] if data is None else [(f"{data.name}[{i}]", (chunk,)) for i, chunk in
-                                         enumerate(_read_tensor_file(data, "--data").split(32))]
+            ref = load_model(reference, weights, trust_pickle=trust_pickle, trust_source=trust_source,
+                             weights_key=weights_key)
+        user = [] if data is None else list(_read_tensor_file(data, "--data").split(32))
         if size is None and user:
-            size = tuple(user[0][1][0].shape[1:])
-        rows = verify_onnx(onnx_file, ref, inputs=user, sample_shape=size, batch_sizes=batch, tolerance=tolerance)
+            size = tuple(user[0].shape[1:])
+        rows = verify_onnx(onnx_file, ref, data=user, data_label=data.name if data else "data", sample_shape=size,
+                           batch_sizes=batch, tolerance=tolerance)
         print_parity(rows, f"ONNX Runtime vs {reference}: {onnx_file}", out)
         require_parity(rows, onnx_file)
     except (typer.Exit, click.exceptions.Exit):
@@ -297,18 +311,21 @@ def compact_cmd(
     target_macs: Optional[str] = typer.Option(None, help="MAC budget relative to the original model, e.g. 1.2x."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: SAVED-compact.safetensors."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    trust_source: bool = typer.Option(False, "--trust-source", help="Let a saved model whose spec names a "
+                                      "module:callable architecture import and run it (only for files you trust)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Remove twins that cannot change the output (exact), then the least salient ones to meet --target-macs."""
     from .compact import compact
-    from .io import check_output_path, read_spec, save, spec_for
+    from .io import check_output_path, load_result, read_spec, save_with_spec, spec_for
 
     try:
         target = check_output_path(output or saved_model.with_name(saved_model.name.replace(
             ".safetensors", "") + "-compact.safetensors"), force)
         batches = None if data is None else list(_read_tensor_file(data, "--data").split(32))
         with err.status(f"compacting {saved_model}"):
-            result = compact(saved_model, data=batches, target_macs=target_macs)
+            result = compact(load_result(saved_model, trust_source=trust_source), data=batches,
+                             target_macs=target_macs)
         rep = result.report
         table = Table(title=f"lnconvert compact: {saved_model}", show_header=False, title_justify="left")
         for label, value in (
@@ -324,8 +341,8 @@ def compact_cmd(
             out.print(f"note: {note}")
         spec = read_spec(saved_model)
         options = result.conversion.options.to_dict() | {"twins": result.twins}
-        save(result.model, target, spec_for(spec["source"], spec.get("weights"), options, spec["input_shape"],
-                                            spec["report"]), force=force)
+        save_with_spec(result.model, target, spec_for(spec["source"], spec.get("weights"), options,
+                                                      spec["input_shape"], spec["report"]), force=force)
         out.print(f"saved {target}")
     except (typer.Exit, click.exceptions.Exit):
         raise

@@ -23,12 +23,13 @@ import torch
 from torch import fx, nn
 
 from .analysis import shape_of
-from .convert import ConversionResult, convert
+from .convert import ConversionResult, as_result, convert
 from .errors import UsageError
 from .layout import Layout
 from .nn import GatedMerge, LinkedActivation
 from .passes.widen import foreign_twins, read_columns, write_columns
 from .rules import ABSORB_MODULES, CONV_TRANSPOSE_MODULES
+from .report import DEFAULT_TOLERANCE
 from .verify import compare
 
 Twin = tuple[str, int]  # (activation node name, channel)
@@ -224,21 +225,22 @@ def _parse_budget(target: float | str | None, original: int) -> int | None:
     return int(factor * original)
 
 
-def compact(conversion: ConversionResult | str | Path, *, data: Iterable[Any] | None = None,
-            target_macs: float | str | None = None, tolerance: float = 1e-5) -> CompactResult:
+def compact(conversion: ConversionResult | fx.GraphModule | str | Path, *, data: Iterable[Any] | None = None,
+            target_macs: float | str | None = None, tolerance: float = DEFAULT_TOLERANCE) -> CompactResult:
     """Remove twins that cannot change the output, then (with ``target_macs``, e.g. ``"1.2x"``
     of the original model's MACs) the least salient ones until the budget is met.
 
-    ``conversion`` is a :class:`ConversionResult` (its ``model`` may have been fine-tuned) or
-    a saved model path. ``data`` (an iterable of input tensors or ``(inputs, ...)`` tuples)
+    ``conversion`` is a :class:`ConversionResult` or the model it holds (either may have been
+    fine-tuned), or a saved model path (read as :func:`lnconvert.load_result` does). ``data`` (an iterable of input tensors or ``(inputs, ...)`` tuples)
     enables dead-unit removal and activity-weighted saliency. The exact stage keeps the
     output within ``tolerance`` of the uncompacted model, which is checked; the budgeted
     stage reports its deviation instead.
     """
-    if not isinstance(conversion, ConversionResult):
+    if isinstance(conversion, (str, Path)):
         from .io import load_result
 
         conversion = load_result(conversion)
+    conversion = as_result(conversion, "compact")
     if conversion.options.lcw:
         raise UsageError("compaction does not support LCW models: the zero-sum constraint couples every weight of "
                          "a unit, so removing twin columns changes the kept ones; compact before applying LCW")

@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -16,7 +18,7 @@ from .errors import ParityError, UnsupportedModelError, UsageError, one_line
 from .options import ConvertOptions, PassContext
 from . import passes
 from .plan import plan_links
-from .report import ConversionReport
+from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import BATCHNORM_MODULES
 from .trace import default_example_inputs, private_eval_copy, trace
 from .verify import compare, eval_mode
@@ -31,6 +33,60 @@ class ConversionResult:
     source: nn.Module | None = None
     options: ConvertOptions | None = None
     example_inputs: tuple[torch.Tensor, ...] = ()
+
+    def save(self, path: str | Path, *, format: str = "safetensors", force: bool = False) -> Path:
+        """Write the current weights of ``model`` (see :func:`lnconvert.save`)."""
+        from .io import save
+
+        return save(self, path, format=format, force=force)
+
+
+RECORD_KEY = "lnconvert"  # GraphModule.meta key of the ConversionRecord
+
+
+@dataclass(frozen=True)
+class ConversionRecord:
+    """How a GraphModule was converted, kept in its ``meta``: with it the model alone can be
+    saved, compacted or exported (:func:`as_result`). Shared, not copied, by ``deepcopy``: it
+    describes the conversion, while the copy's weights are its own."""
+
+    report: ConversionReport
+    source: nn.Module | None
+    options: ConvertOptions
+    example_inputs: tuple[torch.Tensor, ...]
+
+    def __deepcopy__(self, memo: dict) -> "ConversionRecord":
+        return self
+
+
+def as_result(obj: object, what: str) -> ConversionResult:
+    """``obj`` as a :class:`ConversionResult`: itself, or a GraphModule returned by
+    :func:`convert` / :func:`lnconvert.load` (its current weights, its recorded conversion),
+    or a :class:`lnconvert.CompactResult` (its compacted model)."""
+    from .compact import CompactResult
+
+    if isinstance(obj, CompactResult):  # its .conversion keeps the uncompacted options: use the model's record
+        obj = obj.model
+    if isinstance(obj, ConversionResult):
+        if obj.options is None:
+            raise UsageError(f"{what}: this ConversionResult has no options; use the one lnconvert.convert returned")
+        return obj
+    record = obj.meta.get(RECORD_KEY) if isinstance(obj, fx.GraphModule) else None
+    if record is None:
+        raise UsageError(f"{what} takes a ConversionResult or a model returned by lnconvert.convert / lnconvert.load "
+                         f"(which knows how it was converted), got {type(obj).__name__}")
+    return ConversionResult(obj, record.report, record.source, record.options, record.example_inputs)
+
+
+def renamed_argument(new_value, old_value, old: str, new: str, function: str, *, empty=None):
+    """The value of an argument renamed from ``old`` to ``new``: the old name still works for
+    one version, with a DeprecationWarning."""
+    if old_value is empty:
+        return new_value
+    if new_value is not empty:
+        raise UsageError(f"{function}: pass {new}= only ({old}= is its deprecated name)")
+    warnings.warn(f"{function}({old}=...) is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+    return old_value
 
 
 @contextlib.contextmanager
@@ -146,19 +202,21 @@ def convert(
     link: bool = True,
     input_size: Sequence[int] | None = None,
     leaf_modules: Iterable[str] = (),
-    verify_inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]] = (),
-    tolerance: float = 1e-5,
+    data: Iterable[torch.Tensor | Sequence[torch.Tensor]] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
     precision: str = "float64",
     name: str | None = None,
     twins: dict[str, Sequence[int]] | None = None,
     norm: str = "fold",
     lcw: bool = False,
+    verify_inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]] | None = None,
 ) -> ConversionResult:
     """Convert a trained model into a BatchNorm-free model with linked activations.
 
     The caller's model is never modified. ``example_inputs`` (default: a random batch of
     2 at the model's configured input size) drives shape propagation and verification;
-    ``verify_inputs`` adds user batches to the check. With ``verify=True`` a mismatch
+    ``data`` (batches: tensors or tuples of tensors) adds user batches to the check
+    (``verify_inputs`` is its deprecated name). With ``verify=True`` a mismatch
     above ``tolerance`` (max |delta| / max(1, max |y|)) raises :class:`ParityError`, whose
     ``report`` holds the per-output errors. ``precision="float64"`` (default) evaluates
     both models in float64, measuring the conversion free of float32 rounding noise (the
@@ -182,6 +240,7 @@ def convert(
                              twins={k: tuple(v) for k, v in twins.items()} if twins is not None else None)
     if not isinstance(model, nn.Module):
         raise UsageError(f"expected an nn.Module, got {type(model).__name__}")
+    data = renamed_argument(data, verify_inputs, "verify_inputs", "data", "convert") or ()
     report = ConversionReport(model=name or type(model).__name__, options=options.to_dict(),
                               lnconvert_version=__version__, tolerance=tolerance)
     _check_supported(model)
@@ -243,7 +302,7 @@ def convert(
     if options.drop_bn and kept:
         report.status_reasons.append(f"{len(kept)} BatchNorm kept ({kept[0]}{', ...' if len(kept) > 1 else ''})")
     if verify:
-        labelled = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(verify_inputs)]
+        labelled = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(data)]
         with _timed(report, "verify"):
             report.parity = compare(model, gm, labelled, tolerance, precision)
         bad = [p for p in report.parity if not p.ok]
@@ -271,7 +330,8 @@ def convert(
     if _is_channels_last(model):  # rewritten weights are contiguous: give back the caller's memory format
         gm = gm.to(memory_format=torch.channels_last)
     gm.train(model.training)  # hand back the caller's mode
+    gm.meta[RECORD_KEY] = ConversionRecord(report, model, options, inputs)
     return ConversionResult(gm, report, model, options, inputs)
 
 
-__all__ = ["ConversionResult", "convert", "remaining_batchnorm", "eval_mode"]
+__all__ = ["ConversionRecord", "ConversionResult", "as_result", "convert", "remaining_batchnorm", "eval_mode"]

@@ -18,7 +18,7 @@ import io as _io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -27,31 +27,35 @@ from torch import nn
 from . import __version__
 from .errors import LnConvertError, OutputError, ParityError, UsageError
 from .io import atomic_path, check_output_path
-from .report import OutputParity
+from .report import DEFAULT_TOLERANCE, OutputParity
 from .verify import eval_mode, flat_outputs, parity
 
 
 def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Sequence[torch.Tensor] | None = None,
                 opset: int = 18, dynamic_batch: bool = True, force: bool = False,
                 metadata: dict[str, Any] | None = None) -> Path:
-    """Export a converted model (a ConversionResult or any module) to ONNX at ``path``.
+    """Export a converted model to ONNX at ``path``: a ConversionResult or the model it holds
+    (their example inputs and report are used), or any other module with ``example_inputs``
+    (e.g. the original, to compare).
 
-    Preserves: the function (checked separately by :func:`verify_onnx`); the report of a
-    ConversionResult, or ``metadata``, is stored in the file's ``metadata_props``.
+    Preserves: the function (checked separately by :func:`verify_onnx`); the conversion
+    report, or ``metadata``, is stored in the file's ``metadata_props``.
     """
     import onnx
 
-    from .convert import ConversionResult
+    from .convert import RECORD_KEY, as_result
 
     report = None
-    if isinstance(model_or_result, ConversionResult):
-        report = model_or_result.report
-        model = model_or_result.model
-        example_inputs = example_inputs or model_or_result.example_inputs
-    else:
+    if isinstance(model_or_result, nn.Module) and not (
+            isinstance(model_or_result, torch.fx.GraphModule) and RECORD_KEY in model_or_result.meta):
         model = model_or_result
+    else:
+        result = as_result(model_or_result, "export_onnx")
+        report, model = result.report, result.model
+        example_inputs = example_inputs or result.example_inputs
     if not example_inputs:
-        raise UsageError("export_onnx needs example_inputs (or a ConversionResult)")
+        raise UsageError(f"export_onnx needs example_inputs for a {type(model).__name__} that lnconvert did not "
+                         f"convert (a ConversionResult or its model brings its own)")
     model = without_parametrizations(model)
     args = tuple(example_inputs)
     path = check_output_path(path, force)
@@ -143,12 +147,21 @@ def input_shape(sess) -> tuple[int, ...] | None:
     return tuple(dims) if all(isinstance(d, int) for d in dims) else None
 
 
-def verify_onnx(path: str | Path, reference: nn.Module, *, inputs: Sequence[tuple[str, tuple[torch.Tensor, ...]]] = (),
-                sample_shape: Sequence[int] | None = None, batch_sizes: Sequence[int] = (1, 4),
-                tolerance: float = 1e-5, noise_factor: float = 4.0, seed: int = 0) -> list[OutputParity]:
+def verify_onnx(path: str | Path, reference: nn.Module, *, data: Iterable[Any] | None = None,
+                data_label: str = "data", sample_shape: Sequence[int] | None = None,
+                batch_sizes: Sequence[int] = (1, 4), tolerance: float = DEFAULT_TOLERANCE, noise_factor: float = 4.0,
+                seed: int = 0, inputs: Sequence[tuple[str, tuple[torch.Tensor, ...]]] | None = None
+                ) -> list[OutputParity]:
     """Run the ONNX file in ORT and ``reference`` (the original model) in PyTorch on random
-    inputs at each batch size plus ``inputs``; one row per output and input batch, checking
-    output count, shapes and values (like optimum's ``validate_model_outputs``)."""
+    inputs at each batch size plus ``data`` (batches: tensors or tuples of tensors, labelled
+    ``data_label[i]``); one row per output and input batch, checking output count, shapes
+    and values (like optimum's ``validate_model_outputs``). ``inputs`` (labelled pairs) is
+    deprecated: use ``data``."""
+    from .convert import renamed_argument
+
+    labelled = [(f"{data_label}[{i}]", (b,) if isinstance(b, torch.Tensor) else tuple(b))
+                for i, b in enumerate(data or ())]
+    inputs = renamed_argument(labelled if data is not None else None, inputs, "inputs", "data", "verify_onnx") or []
     sess = session(path)
     shape = tuple(sample_shape) if sample_shape else input_shape(sess)
     if shape is None:

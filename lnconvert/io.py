@@ -12,22 +12,38 @@ spec as an extra file. Writes are atomic: a temp file in the target directory, t
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import fx, nn
 
 from . import __version__
-from .errors import ModelSourceError, OutputError
+from .errors import LnConvertError, ModelSourceError, OutputError, UsageError, one_line
 from .options import ConvertOptions
+
+if TYPE_CHECKING:
+    from .convert import ConversionResult
 
 SPEC_KEY = "lnconvert_spec"
 SPEC_FILE = "lnconvert_spec.json"
 FORMATS = {"safetensors": ".safetensors", "pt2": ".pt2", "torchscript": ".torchscript.pt"}
+FORMAT_VERSION = 1  # the spec's "format" is "lnconvert/<version>"; readers refuse newer versions
+# a spec's example input is allocated on load: a file must not be able to ask for terabytes
+MAX_INPUT_ELEMENTS = 1 << 26
+MAX_INPUTS = 16
+MAX_INPUT_DIMS = 8
+# key -> accepted JSON types; anything else in a spec is refused before it is acted on
+_SPEC_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,), "lnconvert_version": (str,), "source": (str, type(None)), "weights": (str, type(None)),
+    "options": (dict,), "input_shape": (list,), "report": (dict,), "calibrated": (bool,), "recipe": (dict, type(None)),
+}
+_REQUIRED_KEYS = ("format", "source", "options", "input_shape")
 
 
 def check_output_path(path: str | Path, force: bool) -> Path:
@@ -63,9 +79,40 @@ def atomic_path(path: str | Path) -> Iterator[str]:
         raise
 
 
-def save(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = False,
-         format: str = "safetensors") -> Path:
-    """Write ``model`` and ``spec`` (from :func:`spec_for`) to ``path`` atomically."""
+def save(result: "ConversionResult | fx.GraphModule", path: str | Path, spec: dict | None = None, *,
+         force: bool = False, format: str = "safetensors") -> Path:
+    """Write a conversion to ``path`` atomically: ``result`` is a :class:`ConversionResult`
+    or the model it holds (e.g. after fine-tuning), saved with its current weights (split
+    twins merged; the live model stays split). ``format``: ``safetensors`` (weights + spec,
+    reloaded by :func:`load`), ``pt2`` or ``torchscript``. ``force`` overwrites.
+
+    ``save(model, path, spec)`` with a spec from :func:`spec_for` is deprecated."""
+    from .convert import ConversionResult, as_result
+
+    if spec is not None:
+        warnings.warn("save(model, path, spec) is deprecated; pass the ConversionResult (or the model lnconvert "
+                      "returned): save(result, path)", DeprecationWarning, stacklevel=2)
+        model = result.model if isinstance(result, ConversionResult) else result
+        return save_with_spec(model, path, spec, force=force, format=format)
+    result = as_result(result, "save")
+    return save_with_spec(result.model, path, spec_of(result), force=force, format=format)
+
+
+def spec_of(result: "ConversionResult") -> dict:
+    """The spec :func:`save` writes for ``result``: its source by name when
+    :func:`lnconvert.load_model` built it (unchanged since), else none (in-memory model:
+    :func:`load` then needs ``model=``)."""
+    from .models import source_name
+
+    name, weights = source_name(result.source)
+    return spec_for(name, weights, result.options.to_dict(), [list(t.shape) for t in result.example_inputs],
+                    result.report.to_dict())
+
+
+def save_with_spec(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = False,
+                   format: str = "safetensors") -> Path:
+    """Write ``model`` with an explicit ``spec`` (from :func:`spec_for`, possibly extended, as
+    recipes do) to ``path`` atomically; :func:`save` builds the spec from a result."""
     if format not in FORMATS:
         raise OutputError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     path = check_output_path(path, force)
@@ -80,15 +127,19 @@ def save(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = F
                 save_file({k: v.detach().contiguous() for k, v in plain_state_dict(model).items()}, tmp,
                           metadata={SPEC_KEY: text})
             else:
-                _save_deployment(model.eval(), tmp, spec, text, format)
+                _save_deployment(model, tmp, spec, text, format)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 
 
 def _save_deployment(model: nn.Module, tmp: str, spec: dict, text: str, format: str) -> None:
+    from .export import without_parametrizations
+    from .verify import eval_mode
+
     example = tuple(torch.zeros(shape) for shape in spec["input_shape"])
-    with torch.no_grad():
+    model = without_parametrizations(model)  # a copy when split for fine-tuning: the live model is untouched
+    with torch.no_grad(), eval_mode(model):
         if format == "pt2":
             batch = torch.export.Dim("batch", min=1)
             program = torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in example))
@@ -124,6 +175,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_spec(path: str | Path) -> dict:
+    """The validated spec of a saved model (see :func:`validate_spec`); reads only the file's
+    header, no tensors."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -136,7 +189,75 @@ def read_spec(path: str | Path) -> dict:
         raise ModelSourceError(f"{path} is not a valid lnconvert model (truncated or corrupt?)") from exc
     if SPEC_KEY not in metadata:
         raise ModelSourceError(f"{path} is a safetensors file without an lnconvert spec")
-    return json.loads(metadata[SPEC_KEY])
+    try:
+        spec = json.loads(metadata[SPEC_KEY])
+    except ValueError as exc:
+        raise ModelSourceError(f"{path}: its lnconvert spec is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    return validate_spec(spec, path)
+
+
+def validate_spec(spec: object, path: str | Path = "spec") -> dict:
+    """``spec`` checked before anything acts on it: a known format version, known keys of the
+    right JSON types, options that :class:`ConvertOptions` accepts and a small ``input_shape``
+    (it is allocated on load). Raises :class:`ModelSourceError` naming the first problem."""
+    def bad(why: str) -> ModelSourceError:
+        return ModelSourceError(f"{path}: invalid lnconvert spec: {why}")
+
+    if not isinstance(spec, dict):
+        raise bad(f"expected a JSON object, got {type(spec).__name__}")
+    fmt = spec.get("format")
+    prefix, _, version = fmt.partition("/") if isinstance(fmt, str) else ("", "", "")
+    if prefix != "lnconvert" or not version.isdigit():
+        raise bad(f"unknown format {fmt!r} (expected 'lnconvert/{FORMAT_VERSION}')")
+    if int(version) > FORMAT_VERSION:
+        raise ModelSourceError(f"{path} was written in format {fmt} by lnconvert "
+                               f"{spec.get('lnconvert_version', '?')}; this lnconvert reads up to "
+                               f"lnconvert/{FORMAT_VERSION}: upgrade lnconvert")
+    unknown = sorted(set(spec) - set(_SPEC_TYPES))
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(map(repr, unknown))}")
+    missing = [k for k in _REQUIRED_KEYS if k not in spec]
+    if missing:
+        raise bad(f"missing key(s) {', '.join(map(repr, missing))}")
+    for key, value in spec.items():
+        if not isinstance(value, _SPEC_TYPES[key]):
+            raise bad(f"'{key}' must be {' or '.join(t.__name__ for t in _SPEC_TYPES[key])}, got {type(value).__name__}")
+    _check_input_shape(spec["input_shape"], bad)
+    try:
+        ConvertOptions.from_dict(spec["options"])
+    except (TypeError, ValueError, AttributeError, LnConvertError) as exc:
+        raise bad(f"options: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return spec
+
+
+def _check_input_shape(shapes: list, bad) -> None:
+    if not 1 <= len(shapes) <= MAX_INPUTS:
+        raise bad(f"'input_shape' must list 1 to {MAX_INPUTS} shapes, got {len(shapes)}")
+    total = 0
+    for shape in shapes:
+        if not (isinstance(shape, list) and 1 <= len(shape) <= MAX_INPUT_DIMS
+                and all(type(d) is int and d > 0 for d in shape)):
+            raise bad(f"'input_shape' entries must be lists of 1 to {MAX_INPUT_DIMS} positive integers, got {shape!r}")
+        total += math.prod(shape)
+    if total > MAX_INPUT_ELEMENTS:
+        raise bad(f"'input_shape' asks for {total:,} input elements (limit {MAX_INPUT_ELEMENTS:,})")
+
+
+def trusted_source(spec: dict, path: str | Path, trust_source: bool) -> str:
+    """The spec's source name, when rebuilding it imports no code the file names: a
+    torchvision or timm registry name. Anything else (``module:callable``, a file path) is
+    refused unless ``trust_source``: loading it would import and run what the file says."""
+    from .models import is_registry_name
+
+    source = spec.get("source")
+    if not source:
+        raise ModelSourceError(f"{path} was converted from an in-memory model; pass model= (the source "
+                               f"architecture, an nn.Module) to load it")
+    if trust_source or is_registry_name(source):
+        return source
+    raise ModelSourceError(f"{path} names '{source}' as its architecture; building it would import and run "
+                           f"that code, refused: pass model= (the architecture as an nn.Module) or, only if you "
+                           f"trust this file, trust_source=True (CLI --trust-source)")
 
 
 def _load_deployment(path: Path, format: str) -> nn.Module:
@@ -150,11 +271,13 @@ def _load_deployment(path: Path, format: str) -> nn.Module:
                                f"{type(exc).__name__}") from exc
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Load a saved converted model. The default format is rebuilt without unpickling
-    (``model`` supplies the source architecture when the spec's source is not a loadable
-    name, i.e. it was converted from an in-memory model); pt2 / TorchScript files load with
-    torch's own loaders."""
+def load(path: str | Path, model: nn.Module | None = None, *, trust_source: bool = False) -> nn.Module:
+    """Load a saved converted model. The default format is rebuilt without unpickling, by
+    converting the source architecture again: ``model`` supplies it (an nn.Module; needed
+    when the model was converted from an in-memory model), else the spec's source name is
+    built. Only torchvision / timm registry names are built by default; a ``module:callable``
+    source imports and runs code the file names, so it needs ``trust_source=True``.
+    pt2 / TorchScript files load with torch's own loaders."""
     from safetensors.torch import load_file
 
     from .convert import convert
@@ -165,9 +288,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         return _load_deployment(Path(path), format)
     spec = read_spec(path)
     if model is None:
-        if not spec.get("source"):
-            raise ModelSourceError(f"{path} was converted from an in-memory model; pass model= to load it")
-        model = load_model(spec["source"])
+        model = load_model(trusted_source(spec, path, trust_source))
+    elif not isinstance(model, nn.Module):
+        raise UsageError(f"model= must be the source architecture as an nn.Module, got {type(model).__name__}")
     options = ConvertOptions.from_dict(spec["options"]).graph_kwargs()
     inputs = tuple(torch.zeros(shape) for shape in spec["input_shape"])
     if spec.get("calibrated"):  # for the graph's structure only: the saved weights replace the statistics
@@ -183,9 +306,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     return rebuilt.eval()
 
 
-def load_result(path: str | Path):
+def load_result(path: str | Path, model: nn.Module | None = None, *, trust_source: bool = False):
     """A saved model as a :class:`ConversionResult` (source architecture, options, example
-    inputs and report included), e.g. for :func:`lnconvert.compact`."""
+    inputs and report included), e.g. for :func:`lnconvert.compact`. ``model`` and
+    ``trust_source`` as in :func:`load`."""
     from .convert import ConversionResult
     from .models import load_model
     from .report import ConversionReport
@@ -193,11 +317,15 @@ def load_result(path: str | Path):
     if detect_format(path) != "safetensors":
         raise ModelSourceError(f"{path}: only the default safetensors format keeps what compaction needs")
     spec = read_spec(path)
-    if not spec.get("source"):
-        raise ModelSourceError(f"{path} was converted from an in-memory model; compact the ConversionResult instead")
     if spec.get("calibrated"):
         raise ModelSourceError(f"{path} was converted with --calibrate, whose data is not stored; compact the "
                                f"ConversionResult of the calibrated model instead")
+    source = model if model is not None else load_model(trusted_source(spec, path, trust_source))
     inputs = tuple(torch.randn(shape, generator=torch.Generator().manual_seed(0)) for shape in spec["input_shape"])
-    return ConversionResult(load(path), ConversionReport.from_dict(spec["report"]), load_model(spec["source"]),
-                            ConvertOptions.from_dict(spec["options"]), inputs)
+    try:
+        report = ConversionReport.from_dict({"model": spec["source"] or Path(path).stem, "options": spec["options"]}
+                                            | (spec.get("report") or {}))
+    except (TypeError, ValueError) as exc:
+        raise ModelSourceError(f"{path}: invalid lnconvert spec: report: {one_line(exc)}") from None
+    return ConversionResult(load(path, model=source), report, source, ConvertOptions.from_dict(spec["options"]),
+                            inputs)

@@ -8,7 +8,7 @@ import torch
 
 from .errors import UsageError
 from .nn import POLICIES
-from .report import ConversionReport
+from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import ACTIVATION_NAMES, ALIASES
 
 RESIDUAL_MODES = ("slice", "gate")
@@ -23,7 +23,7 @@ class ConvertOptions:
     activations: tuple[str, ...] | None = None  # None: every supported type
     residual: str = "slice"
     leaf_modules: tuple[str, ...] = ()
-    tolerance: float = 1e-5
+    tolerance: float = DEFAULT_TOLERANCE
     precision: str = "float64"
     # compaction: activation node -> channels that keep a twin (absent: all twins)
     twins: dict[str, tuple[int, ...]] | None = None

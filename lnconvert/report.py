@@ -6,6 +6,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+# max rel error (max|delta| / max(1, max|y|)) that every check accepts by default: convert,
+# compact, verify_onnx and the CLI
+DEFAULT_TOLERANCE = 1e-5
+
+
 @dataclass
 class OutputParity:
     """One output on one input batch. ``max_rel`` = max|delta| / max(1, max|reference|),
@@ -44,7 +49,7 @@ class ConversionReport:
     macs_before: int = 0
     macs_after: int = 0
     parity: list[OutputParity] = field(default_factory=list)
-    tolerance: float = 1e-5
+    tolerance: float = DEFAULT_TOLERANCE
     pass_seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 

@@ -63,13 +63,48 @@ def run_recipe(source: str | Path | dict, *, out: str | Path | None = None, over
     return pipeline(config, out, resume, console or Console())
 
 
-def load_result(path: str | Path) -> fx.GraphModule:
-    """Load a model saved by a ``convert-finetune`` recipe (its spec records the architecture)."""
+# bounds on the architecture a saved recipe spec may ask for (it is built before any weight is read)
+_MAX_WIDTH, _MAX_BLOCKS, _MAX_STAGES, _MAX_CLASSES = 4096, 64, 16, 100_000
+
+
+def load_result(path: str | Path, *, trust_source: bool = False) -> fx.GraphModule:
+    """Load a model saved by a ``convert-finetune`` recipe (its spec records the architecture).
+
+    As :func:`lnconvert.load`, nothing the file names is imported unless ``trust_source``:
+    the built-in digits ResNet and torchvision / timm names are built, within size bounds."""
     from ..io import load, read_spec
     from .pipelines import architecture
 
     spec = read_spec(path)
     recipe = spec.get("recipe")
     if spec.get("source") or not recipe:
-        return load(path)
-    return load(path, model=architecture(recipe["model"], recipe["in_channels"], recipe["num_classes"]))
+        return load(path, trust_source=trust_source)
+    mcfg = _checked_recipe_model(recipe, path, trust_source)
+    return load(path, model=architecture(mcfg, recipe["in_channels"], recipe["num_classes"]))
+
+
+def _checked_recipe_model(recipe: dict, path: str | Path, trust_source: bool) -> dict:
+    """The spec's recipe model config, refused unless its types and sizes are sane and its
+    name imports no code (the built-in ResNet, a registry name, or ``trust_source``)."""
+    from ..errors import ModelSourceError
+    from ..io import trusted_source
+    from .pipelines import BUILTIN
+
+    def small(value: Any, limit: int) -> bool:
+        return type(value) is int and 0 < value <= limit
+
+    mcfg = recipe.get("model")
+    ok = (isinstance(mcfg, dict) and isinstance(mcfg.get("name"), str) and small(recipe.get("in_channels"), _MAX_WIDTH)
+          and small(recipe.get("num_classes"), _MAX_CLASSES)
+          and (mcfg.get("num_classes") is None or small(mcfg.get("num_classes"), _MAX_CLASSES))
+          and isinstance(mcfg.get("trust_pickle", False), bool))
+    if ok and mcfg["name"] == BUILTIN:
+        widths = mcfg.get("widths")
+        ok = (isinstance(widths, list) and 0 < len(widths) <= _MAX_STAGES and all(small(w, _MAX_WIDTH) for w in widths)
+              and small(mcfg.get("blocks"), _MAX_BLOCKS))
+    if not ok:
+        raise ModelSourceError(f"{path}: invalid lnconvert spec: 'recipe' does not describe a recipe model "
+                               f"(name, sizes within bounds)")
+    if mcfg["name"] != BUILTIN:
+        trusted_source({"source": mcfg["name"]}, path, trust_source)
+    return mcfg

@@ -15,7 +15,7 @@ from ..compact import compact
 from ..convert import ConversionResult, convert
 from ..errors import ParityError
 from ..finetune import merge_twins, param_groups
-from ..io import save, spec_for
+from ..io import save_with_spec, spec_for
 from ..models import load_model, load_weights
 from .config import RecipeError, fingerprint
 from .data import Data, build_data
@@ -191,7 +191,7 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
                         [[1, *data.input_shape]], result.report.to_dict())
         spec["recipe"] = {"name": cfg["name"], "model": mcfg, "in_channels": data.input_shape[0],
                           "num_classes": data.num_classes}
-        save(final, path, spec, force=True)
+        save_with_spec(final, path, spec, force=True)
         files["model"] = path.name
 
     dead = {"BN model": dead_before, "converted": dead_after, **dead_tuned}
