@@ -10,11 +10,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import fx, nn
 
-from . import __version__
+from . import __version__, passes
 from .analysis import check_channels, count_macs, count_params, propagate_shapes, reads_input
 from .errors import ParityError, UnsupportedModelError, UsageError, one_line
 from .options import ConvertOptions, PassContext
-from . import passes
 from .plan import plan_links
 from .report import ConversionReport
 from .rules import BATCHNORM_MODULES

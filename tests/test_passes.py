@@ -272,7 +272,7 @@ def test_no_link_only_drops_bn():
 
 
 def test_timm_batchnormact_is_decomposed_not_silently_folded():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import BatchNormAct2d
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.SiLU), nn.Conv2d(4, 2, 1)).eval()
