@@ -165,7 +165,7 @@ def convert(
     ``twins`` (set by :func:`lnconvert.compact`) keeps twins only for the listed channels
     of the named activations.
 
-    ``norm`` chooses what replaces BatchNorm (papers.md): ``"fold"`` (into the producing
+    ``norm`` chooses what replaces BatchNorm (docs/strategies.md): ``"fold"`` (into the producing
     conv / linear, else a per-channel affine), ``"normprop"`` (those convs / linears become
     NormProp layers, ReLUs between two of them are re-normalised; exact at conversion) or
     ``"deep-control"`` (a BN on a conv output becomes ``DeepControl2d`` with ``alpha = 0``;
