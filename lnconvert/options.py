@@ -12,7 +12,7 @@ from .report import ConversionReport
 from .rules import ACTIVATION_NAMES, ALIASES
 
 RESIDUAL_MODES = ("slice", "gate")
-NORM_STRATEGIES = ("fold", "normprop", "deep-control")  # what replaces a BatchNorm (papers.md)
+NORM_STRATEGIES = ("fold", "normprop", "deep-control")  # what replaces a BatchNorm (docs/strategies.md)
 
 
 @dataclass(frozen=True)

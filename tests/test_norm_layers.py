@@ -1,4 +1,4 @@
-"""The NormProp, Deep Control and LCW layers against their formulas (papers.md), plus the
+"""The NormProp, Deep Control and LCW layers against their formulas (docs/strategies.md), plus the
 statistical claims each paper makes; and the named linked activations."""
 import math
 
