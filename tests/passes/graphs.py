@@ -45,6 +45,10 @@ def until(gm: fx.GraphModule, ctx: PassContext, step: str) -> tuple[fx.GraphModu
             continue
         if name == "fold_bn" and not ctx.options.drop_bn:
             continue
+        if name in ("plan", "link", "widen", "boundaries", "relayout") and not ctx.options.link:
+            continue
+        if name == "normprop" and ctx.options.norm != "normprop":
+            continue
         if name == "plan":
             propagate_shapes(gm, ctx.example_inputs)
             plan = plan_links(gm, ctx.options)
