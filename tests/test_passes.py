@@ -1,4 +1,5 @@
-"""Per-rule tests on tiny hand-built graphs: structure (what changed), parity, and what must not change."""
+"""Per-rule behaviour through `convert()` on small hand-built nets: structure (what changed), parity, and what
+must not change. Each pass alone is tested in tests/passes/, the registry in tests/rules/."""
 import pytest
 import torch
 import torch.nn.functional as F
