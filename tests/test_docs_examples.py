@@ -50,3 +50,9 @@ def test_python_blocks_run(page: Path, tmp_path, monkeypatch):
                                      f"{type(error).__name__}: {error}") from error
     finally:
         torch.set_num_threads(threads)
+
+
+def test_readme_links_to_docs_pages_that_exist():
+    """The README is not built by mkdocs (whose --strict build checks the site's own links)."""
+    targets = re.findall(r"\]\((docs/[^)#]+)", (ROOT / "README.md").read_text())
+    assert targets and [t for t in targets if not (ROOT / t).is_file()] == []
