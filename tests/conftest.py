@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
 from lnconvert.testing import randomize_batchnorm
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per xdist worker: with -n auto every core already runs a worker, and
+    # oversubscribed threads make each worker slower rather than the run faster.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
