@@ -13,5 +13,6 @@ from .report import ConversionReport  # noqa: E402
 from .rules import register_rule  # noqa: E402
 
 __all__ = ["CompactResult", "ConversionReport", "ConversionResult", "LnConvertError", "__version__",
-           "calibrate_batchnorm", "compact", "convert", "export_onnx", "load", "load_model", "load_result", "merge_twins", "param_groups", "register_rule", "remaining_batchnorm",
+           "calibrate_batchnorm", "compact", "convert", "export_onnx", "load", "load_model", "load_result",
+           "merge_twins", "param_groups", "register_rule", "remaining_batchnorm",
            "save", "split_twins", "verify_onnx"]

@@ -275,7 +275,8 @@ def verify_onnx_cmd(
     batch: List[int] = typer.Option([1, 4], help="Batch sizes to check (repeatable)."),
     data: Optional[Path] = typer.Option(None, help="Also check on your inputs: a .pt file holding one tensor "
                                                    "(N, C, H, W), checked in batches of 32."),
-    tolerance: float = typer.Option(DEFAULT_TOLERANCE, help="Max relative error (or 4x the reference's own float32 floor)."),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE,
+                                    help="Max relative error (or 4x the reference's own float32 floor)."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
     trust_source: bool = typer.Option(False, "--trust-source", help="Let a saved model whose spec names a "
                                       "module:callable architecture import and run it (only for files you trust)."),

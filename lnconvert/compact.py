@@ -17,7 +17,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
@@ -28,8 +28,8 @@ from .errors import UsageError
 from .layout import Layout
 from .nn import GatedMerge, LinkedActivation
 from .passes.widen import foreign_twins, read_columns, write_columns
-from .rules import ABSORB_MODULES, CONV_TRANSPOSE_MODULES
 from .report import DEFAULT_TOLERANCE
+from .rules import ABSORB_MODULES, CONV_TRANSPOSE_MODULES
 from .verify import compare
 
 Twin = tuple[str, int]  # (activation node name, channel)
@@ -231,8 +231,9 @@ def compact(conversion: ConversionResult | fx.GraphModule | str | Path, *, data:
     of the original model's MACs) the least salient ones until the budget is met.
 
     ``conversion`` is a :class:`ConversionResult` or the model it holds (either may have been
-    fine-tuned), or a saved model path (read as :func:`lnconvert.load_result` does). ``data`` (an iterable of input tensors or ``(inputs, ...)`` tuples)
-    enables dead-unit removal and activity-weighted saliency. The exact stage keeps the
+    fine-tuned), or a saved model path (read as :func:`lnconvert.load_result` does).
+    ``data`` (an iterable of input tensors or ``(inputs, ...)`` tuples) enables dead-unit
+    removal and activity-weighted saliency. The exact stage keeps the
     output within ``tolerance`` of the uncompacted model, which is checked; the budgeted
     stage reports its deviation instead.
     """

@@ -12,11 +12,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import fx, nn
 
-from . import __version__
+from . import __version__, passes
 from .analysis import check_channels, count_macs, count_params, propagate_shapes, reads_input
 from .errors import ParityError, UnsupportedModelError, UsageError, one_line
 from .options import ConvertOptions, PassContext
-from . import passes
 from .plan import plan_links
 from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import BATCHNORM_MODULES
@@ -224,7 +223,7 @@ def convert(
     ``twins`` (set by :func:`lnconvert.compact`) keeps twins only for the listed channels
     of the named activations.
 
-    ``norm`` chooses what replaces BatchNorm (papers.md): ``"fold"`` (into the producing
+    ``norm`` chooses what replaces BatchNorm (docs/strategies.md): ``"fold"`` (into the producing
     conv / linear, else a per-channel affine), ``"normprop"`` (those convs / linears become
     NormProp layers, ReLUs between two of them are re-normalised; exact at conversion) or
     ``"deep-control"`` (a BN on a conv output becomes ``DeepControl2d`` with ``alpha = 0``;

@@ -221,7 +221,8 @@ def validate_spec(spec: object, path: str | Path = "spec") -> dict:
         raise bad(f"missing key(s) {', '.join(map(repr, missing))}")
     for key, value in spec.items():
         if not isinstance(value, _SPEC_TYPES[key]):
-            raise bad(f"'{key}' must be {' or '.join(t.__name__ for t in _SPEC_TYPES[key])}, got {type(value).__name__}")
+            expected = " or ".join(t.__name__ for t in _SPEC_TYPES[key])
+            raise bad(f"'{key}' must be {expected}, got {type(value).__name__}")
     _check_input_shape(spec["input_shape"], bad)
     try:
         ConvertOptions.from_dict(spec["options"])

@@ -12,7 +12,7 @@ from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import ACTIVATION_NAMES, ALIASES
 
 RESIDUAL_MODES = ("slice", "gate")
-NORM_STRATEGIES = ("fold", "normprop", "deep-control")  # what replaces a BatchNorm (papers.md)
+NORM_STRATEGIES = ("fold", "normprop", "deep-control")  # what replaces a BatchNorm (docs/strategies.md)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class ConvertOptions:
         if self.norm not in NORM_STRATEGIES:
             raise UsageError(f"unknown norm strategy {self.norm!r}; choose one of: {', '.join(NORM_STRATEGIES)}")
         if self.norm != "fold" and not self.drop_bn:
-            raise UsageError(f"norm={self.norm!r} replaces BatchNorm; it cannot be combined with keeping BN (--keep-bn)")
+            raise UsageError(f"norm={self.norm!r} replaces BatchNorm; "
+                             "it cannot be combined with keeping BN (--keep-bn)")
         if self.precision not in ("float64", "float32"):
             raise UsageError(f"unknown precision {self.precision!r}; choose float64 or float32")
         if not self.tolerance > 0:

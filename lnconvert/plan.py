@@ -96,7 +96,8 @@ def _initial_layout(gm: fx.GraphModule, node: fx.Node, shape: tuple[int, ...]) -
     return Layout.linked(shape[dim], groups, dim, node.name), groups
 
 
-def find_candidates(gm: fx.GraphModule, options: ConvertOptions) -> tuple[dict[str, tuple[Layout, int]], dict[str, str]]:
+def find_candidates(gm: fx.GraphModule,
+                    options: ConvertOptions) -> tuple[dict[str, tuple[Layout, int]], dict[str, str]]:
     chosen: dict[str, tuple[Layout, int]] = {}
     skipped: dict[str, str] = {}
     for node in gm.graph.nodes:

@@ -5,7 +5,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
 # max rel error (max|delta| / max(1, max|y|)) that every check accepts by default: convert,
 # compact, verify_onnx and the CLI
 DEFAULT_TOLERANCE = 1e-5

@@ -166,14 +166,16 @@ for _t in BATCHNORM_MODULES + (ChannelAffine,):
 # --- absorbing consumers ----------------------------------------------------------
 CONV_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_MODULES: tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-ABSORB_MODULES: list[type] = [*CONV_MODULES, *CONV_TRANSPOSE_MODULES, nn.Linear,
-                              NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear]
-try:  # timm's "same"-padded conv pads spatially, then runs an ordinary conv
+try:  # timm's "same"-padded conv pads spatially, then runs an ordinary conv with its own weight
     from timm.layers import Conv2dSame
 
-    ABSORB_MODULES.append(Conv2dSame)
+    SAME_PAD_CONV_MODULES: tuple[type, ...] = (Conv2dSame,)
 except ImportError:
-    pass
+    SAME_PAD_CONV_MODULES = ()
+# Convs whose weight/bias a following BN folds into (and whose outputs are feature maps).
+FOLDABLE_CONV_MODULES: tuple[type, ...] = CONV_MODULES + CONV_TRANSPOSE_MODULES + SAME_PAD_CONV_MODULES
+ABSORB_MODULES: list[type] = [*FOLDABLE_CONV_MODULES, nn.Linear,
+                              NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear]
 for _t in ABSORB_MODULES:
     register_rule(_t, Kind.ABSORB)
 
@@ -218,7 +220,8 @@ for _op, _keys in {
     for _t in _keys:
         register_rule(_t, Kind.BINARY, op=_op)
 
-for _t in (torch.cat, torch.concat, torch.concatenate):
+CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)  # three aliases, three distinct objects
+for _t in CAT_FUNCTIONS:
     register_rule(_t, Kind.CAT)
 for _t in ("mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin):
     register_rule(_t, Kind.REDUCE)

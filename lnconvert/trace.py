@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .rules import ACTIVATION_MODULES, _RULES
+from .rules import _RULES, ACTIVATION_MODULES
 
 
 def _timm_notrace() -> tuple[set[type], list[Any]]:

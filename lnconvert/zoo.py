@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import fnmatch
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import LnConvertError, OutputError, UsageError, one_line
+from .errors import LnConvertError, OutputError, ParityError, UsageError, one_line
 
 COLUMNS = (
     "model", "library", "input_size", "traced", "bn_before", "bn_after", "bn_folded", "bn_affine", "bn_kept",
@@ -35,6 +34,7 @@ COLUMNS = (
 STATUSES = ("exact", "partial", "failed")
 # tried in order when no input size is given: the first the model runs at is used
 SIZE_LADDER = (64, 96, 128, 160, 192, 224)
+_LADDER_TEXT = "the first of " + "/".join(map(str, SIZE_LADDER)) + " (below the model’s own) or its own size it runs at"
 
 
 @dataclass(frozen=True)
@@ -379,7 +379,7 @@ def markdown(rows: Sequence[dict[str, Any]], options: ZooOptions | None = None) 
     lines = ["# lnconvert zoo report", ""]
     if options is not None:
         lines += [f"Options: drop_bn={options.drop_bn}, policy={options.policy}, residual={options.residual}, "
-                  f"input size {options.input_size or 'the first of ' + '/'.join(map(str, SIZE_LADDER)) + ' (below the model’s own) or its own size it runs at'}, "
+                  f"input size {options.input_size or _LADDER_TEXT}, "
                   f"ONNX {'checked' if options.onnx else 'not checked'}; BN statistics randomised.", ""]
     lines += ["| library | models | exact | partial | failed | median s | max s |", "|---|---|---|---|---|---|---|"]
     for library, c in coverage(rows).items():
@@ -387,7 +387,8 @@ def markdown(rows: Sequence[dict[str, Any]], options: ZooOptions | None = None) 
         lines.append(f"| {library} | {c['models']} | {c['exact']} | {c['partial']} | {c['failed']} | "
                      f"{seconds[0]} | {seconds[1]} |")
     lines += ["", "| model | input | traced | BN before -> after (folded/affine/kept) | act linked/skipped | "
-                  "widened | boundaries slice/gate | params x | MACs x | max rel (float32 floor) | ONNX max rel | s | status |",
+                  "widened | boundaries slice/gate | params x | MACs x | max rel (float32 floor) | ONNX max rel | s | "
+                  "status |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = lambda k: r.get(k, "")  # noqa: E731
@@ -399,7 +400,8 @@ def markdown(rows: Sequence[dict[str, Any]], options: ZooOptions | None = None) 
             f"({g('bn_folded')}/{g('bn_affine')}/{g('bn_kept')}) | {g('act_linked')}/{g('act_skipped')} | "
             f"{g('consumers_widened')} | {g('boundaries_slice')}/{g('boundaries_gate')} | "
             f"{_ratio(g('params_after'), g('params_before'))} | {_ratio(g('macs_after'), g('macs_before'))} | "
-            f"{g('max_rel_error')}{f' ({fl})' if (fl := g('float32_floor')) else ''} | {g('onnx_max_rel')} | {g('convert_seconds')} | "
+            f"{g('max_rel_error')}{f' ({fl})' if (fl := g('float32_floor')) else ''} | {g('onnx_max_rel')} | "
+            f"{g('convert_seconds')} | "
             f"{status}{': ' + detail if detail else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""The NormProp, Deep Control and LCW layers against their formulas (papers.md), plus the
+"""The NormProp, Deep Control and LCW layers against their formulas (docs/strategies.md), plus the
 statistical claims each paper makes; and the named linked activations."""
 import math
 
@@ -7,9 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lnconvert.nn import (DeepControl2d, LinkedActivation, LinkedPReLU, LinkedReLU, LinkedSELU, LinkedSiLU,
-                          NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear, ReLURenorm, lcw,
-                          normprop_from)
+from lnconvert.nn import (
+    DeepControl2d,
+    LinkedActivation,
+    LinkedPReLU,
+    LinkedReLU,
+    LinkedSELU,
+    LinkedSiLU,
+    NormPropConv1d,
+    NormPropConv2d,
+    NormPropConv3d,
+    NormPropLinear,
+    ReLURenorm,
+    lcw,
+    normprop_from,
+)
 
 
 # --------------------------------------------------------------------------- NormProp
@@ -23,7 +35,8 @@ def test_normprop_linear_hand_computed():
     assert out.item() == pytest.approx(2.0 * 11.0 / (1.21 * 5.0) + 0.5, rel=1e-6)
 
 
-@pytest.mark.parametrize("cls,conv,shape", [(NormPropConv1d, F.conv1d, (2, 4, 9)), (NormPropConv2d, F.conv2d, (2, 4, 7, 7)),
+@pytest.mark.parametrize("cls,conv,shape", [(NormPropConv1d, F.conv1d, (2, 4, 9)),
+                                            (NormPropConv2d, F.conv2d, (2, 4, 7, 7)),
                                             (NormPropConv3d, F.conv3d, (2, 4, 5, 5, 5))])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_normprop_conv_is_the_formula_per_filter(cls, conv, shape, groups):

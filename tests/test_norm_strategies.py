@@ -78,7 +78,8 @@ def test_normprop_is_exact_and_renormalises_relus_between_normprop_layers(link, 
     # relu2 feeds the unpadded 1x1 conv3: its shift went into conv3's bias
     shifts = [m for m in modules_of(gm, ChannelAffine) if torch.equal(m.scale, torch.ones_like(m.scale))]
     assert len(shifts) == 1 and shifts[0].scale.numel() == (16 if link else 8)
-    assert [r["detail"] for r in report.norm_layers if r["layer"] == "relu1"] == ["explicit shift (a consumer zero-pads)"]
+    details = [r["detail"] for r in report.norm_layers if r["layer"] == "relu1"]
+    assert details == ["explicit shift (a consumer zero-pads)"]
 
 
 @pytest.mark.parametrize("link", [False, True])

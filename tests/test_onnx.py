@@ -11,8 +11,19 @@ from torch import nn
 
 import lnconvert
 from lnconvert.export import export_onnx, session, verify_onnx
-from lnconvert.nn import (ChannelAffine, ChannelExpand, ChannelSelect, DeepControl2d, GatedMerge, LinkedActivation,
-                          LinkedSELU, NormPropConv2d, NormPropLinear, ReLURenorm, lcw)
+from lnconvert.nn import (
+    ChannelAffine,
+    ChannelExpand,
+    ChannelSelect,
+    DeepControl2d,
+    GatedMerge,
+    LinkedActivation,
+    LinkedSELU,
+    NormPropConv2d,
+    NormPropLinear,
+    ReLURenorm,
+    lcw,
+)
 
 from .conftest import prepared
 

@@ -1,4 +1,5 @@
-"""Per-rule tests on tiny hand-built graphs: structure (what changed), parity, and what must not change."""
+"""Per-rule behaviour through `convert()` on small hand-built nets: structure (what changed), parity, and what
+must not change. Each pass alone is tested in tests/passes/, the registry in tests/rules/."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -272,7 +273,7 @@ def test_no_link_only_drops_bn():
 
 
 def test_timm_batchnormact_is_decomposed_not_silently_folded():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import BatchNormAct2d
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.SiLU), nn.Conv2d(4, 2, 1)).eval()

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -165,7 +165,8 @@ def test_consecutive_channel_shuffles():
                      "act": ("relu", "module")},
             "blocks": [{"kind": "shuffle"}, {"kind": "shuffle"}], "head": {"kind": "gap"}, "bn_stats": True}
     check_random_network(spec, [{"policy": "mirror", "residual": "slice", "drop_bn": True}], training=False)
-    ops = {getattr(n.target, "__name__", n.target) for n in lnconvert.convert(build(spec), example_inputs=_inputs(1)).model.graph.nodes}
+    graph = lnconvert.convert(build(spec), example_inputs=_inputs(1)).model.graph
+    ops = {getattr(n.target, "__name__", n.target) for n in graph.nodes}
     assert not {"view", "transpose"} & ops  # both shuffles became layout permutations
 
 

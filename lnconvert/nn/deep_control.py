@@ -7,7 +7,7 @@ from torch import nn
 
 class DeepControl2d(nn.Module):
     """``y = weight_c * (z - alpha_c * mean_{spatial}(z)) + bias_c`` for every sample and
-    channel c (papers.md's form). The mean is over every axis after the channel axis, so
+    channel c (docs/strategies.md). The mean is over every axis after the channel axis, so
     the layer also serves 1D and 3D maps; it never mixes samples, so its output for a
     sample is the same alone or inside any batch, in training and in eval.
 

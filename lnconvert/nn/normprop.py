@@ -1,6 +1,6 @@
 """Normalization Propagation (Arpit et al., ICML 2016): weight-normalised conv / linear
 layers and the ReLU re-normalisation that keeps pre-activations unit Gaussian without
-batch statistics (formulas in ``shared/papers.md``)."""
+batch statistics (formulas in ``docs/strategies.md``)."""
 from __future__ import annotations
 
 import math

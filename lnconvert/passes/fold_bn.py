@@ -10,7 +10,7 @@ from ..analysis import call_site_counts, own_module, reads_input, shape_of
 from ..errors import UnsupportedModelError
 from ..nn import ChannelAffine
 from ..options import PassContext
-from ..rules import BATCHNORM_MODULES, CONV_MODULES, CONV_TRANSPOSE_MODULES
+from ..rules import BATCHNORM_MODULES, CAT_FUNCTIONS, CONV_TRANSPOSE_MODULES, FOLDABLE_CONV_MODULES
 
 FOLDED_BN = "lnc_folded_bn"  # node meta: the BN folded into this conv / linear (read by the normprop pass)
 
@@ -63,7 +63,7 @@ def _foldable_module(gm: fx.GraphModule, producer: fx.Node, channels: int) -> nn
     if not isinstance(producer, fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
         return None
     module = gm.get_submodule(producer.target)
-    if type(module) in CONV_MODULES + CONV_TRANSPOSE_MODULES:
+    if type(module) in FOLDABLE_CONV_MODULES:
         return module if module.out_channels == channels else None
     if type(module) is nn.Linear:
         out = shape_of(producer)
@@ -79,7 +79,7 @@ def _foldable_producers(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> 
     module = _foldable_module(gm, producer, bn.num_features)
     if module is not None:
         return [(producer, module, 0)]
-    if not (isinstance(producer, fx.Node) and producer.target in (torch.cat, torch.concat) and len(producer.users) == 1):
+    if not (isinstance(producer, fx.Node) and producer.target in CAT_FUNCTIONS and len(producer.users) == 1):
         return []
     parts, dim = producer.args[0], producer.args[1] if len(producer.args) > 1 else producer.kwargs.get("dim", 0)
     shapes = [shape_of(p) for p in parts]

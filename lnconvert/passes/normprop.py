@@ -22,7 +22,8 @@ def _to_normprop(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
             continue
         module = gm.get_submodule(node.target)
         if type(module) not in NORMPROP_OF:
-            ctx.report.norm_layer(node.target, "normprop", "kept folded", f"no NormProp form for {type(module).__name__}")
+            ctx.report.norm_layer(node.target, "normprop", "kept folded",
+                                  f"no NormProp form for {type(module).__name__}")
             continue
         layer = normprop_from(module)
         with torch.no_grad():  # what weight normalisation's rounding moves, relative to the largest weight

@@ -120,7 +120,8 @@ def widen_channel_params(module: nn.Module, layout: Layout) -> nn.Module:
     parameters to its primary and to its twin."""
     index = torch.tensor(layout.logical_of_physical(), dtype=torch.long)
     wide = copy.deepcopy(module)
-    names = ("scale", "shift") if isinstance(module, ChannelAffine) else ("weight", "bias", "running_mean", "running_var")
+    per_channel = ("weight", "bias", "running_mean", "running_var")
+    names = ("scale", "shift") if isinstance(module, ChannelAffine) else per_channel
     for name in names:
         value = getattr(module, name, None)
         if value is None:

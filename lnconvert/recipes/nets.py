@@ -58,7 +58,7 @@ def _act(base: Callable[[int], nn.Module], linked: bool) -> Callable[[int], tupl
 
 
 _RELU = _act(lambda c: nn.ReLU(), False)
-# name -> (activation, normalisation: None | "bn" | "normprop" | "deep_control" | "lcw"; papers.md)
+# name -> (activation, normalisation: None | "bn" | "normprop" | "deep_control" | "lcw"; docs/strategies.md)
 VARIANTS: dict[str, tuple[Callable[[int], tuple[nn.Module, int]], str | None]] = {
     "relu": (_RELU, None),
     "prelu": (_act(lambda c: nn.PReLU(c), False), None),

@@ -83,7 +83,8 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, train: 
                amp=cfg["amp"], compile=cfg["compile"], progress=progress, label=label)
 
 
-def _compact_stage(result: ConversionResult, tuned: nn.Module, data: Data, spec: dict[str, Any]) -> list[dict[str, Any]]:
+def _compact_stage(result: ConversionResult, tuned: nn.Module, data: Data,
+                   spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Compact the fine-tuned model at each target ("exact" or a MAC budget such as "1.2x" of
     the original), calibrated on the first ``spec["calibration"]`` training images; test
     accuracy and MACs per target, next to the fine-tuned model's."""
@@ -213,14 +214,16 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
                        "batchnorm": report.count(report.batchnorm)},
         "finetune": tuned_rows, "timing": timing, "compact": compacted,
         "macs": {"original": report.macs_before, "converted": report.macs_after},
-        "dead_units": {label: {"overall": overall_dead(rows), "layers": dead_rows(rows)} for label, rows in dead.items()},
+        "dead_units": {label: {"overall": overall_dead(rows), "layers": dead_rows(rows)}
+                       for label, rows in dead.items()},
         "histories": histories, "files": files, "seconds": time.perf_counter() - started,
     }
     write_json(out / "metrics.json", metrics)
 
     rows = [("BN model (before conversion)", before["accuracy"], train_before["loss"], overall_dead(dead_before)),
             ("converted, BN-free (right after)", after["accuracy"], train_after["loss"], overall_dead(dead_after))]
-    rows += [(r["label"], r["test_accuracy"], r["train_loss_after"], overall_dead(dead[r["label"]])) for r in tuned_rows]
+    rows += [(r["label"], r["test_accuracy"], r["train_loss_after"], overall_dead(dead[r["label"]]))
+             for r in tuned_rows]
     console.print(table(f"{cfg['name']}: conversion {report.status}, max rel error {report.max_rel_error:.1e}, "
                         f"{differ} test predictions changed", ["model", "test acc", "train loss", "dead units"], rows))
     if compacted:
@@ -278,7 +281,8 @@ def depth(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> dic
                          "dead_fraction": overall_dead(dead[variant]),
                          "dead_layers": sum(r.fraction == 1.0 for r in dead[variant]), "layers": len(dead[variant]),
                          "paper_cifar10": PAPER_CIFAR10.get(variant),
-                         "ms_per_step": 1e3 * histories[variant]["seconds"] / max(1, len(histories[variant]["step_loss"]))})
+                         "ms_per_step": 1e3 * histories[variant]["seconds"]
+                         / max(1, len(histories[variant]["step_loss"]))})
     plot_depth(histories, dead, out / "depth.png", cfg["name"])
     metrics = {"recipe": cfg["name"], "data": data.description, "variants": rows,
                "dead_units": {v: dead_rows(r) for v, r in dead.items()}, "histories": histories,
@@ -287,7 +291,8 @@ def depth(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> dic
     console.print(table(f"{cfg['name']}: final test accuracy (chance 0.10)",
                         ["variant", "test acc", "train loss", "dead units", "dead layers", "paper CIFAR-10"],
                         [(r["variant"], r["test_accuracy"], r["train_loss"], r["dead_fraction"],
-                          f"{r['dead_layers']}/{r['layers']}", "-" if r["paper_cifar10"] is None else r["paper_cifar10"])
+                          f"{r['dead_layers']}/{r['layers']}",
+                          "-" if r["paper_cifar10"] is None else r["paper_cifar10"])
                          for r in rows]))
     console.print(f"outputs in {out}/: metrics.json, depth.png")
     return metrics

@@ -1,0 +1,81 @@
+"""Tiny hand-built fx graphs and a pass context, so each pass can be called on its own.
+
+``traced(net, shape)`` gives the GraphModule exactly as ``convert`` hands it to the first pass
+(traced, eval mode, shapes propagated); ``until(gm, ctx, step)`` runs the steps before ``step`` in
+``convert``'s order, so a test sees the graph its pass receives in the pipeline.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import torch
+from torch import fx, nn
+
+from lnconvert import passes
+from lnconvert.analysis import propagate_shapes
+from lnconvert.options import ConvertOptions, PassContext
+from lnconvert.plan import LinkPlan, plan_links
+from lnconvert.report import ConversionReport
+from lnconvert.testing import randomize_batchnorm
+from lnconvert.trace import private_eval_copy, trace
+
+ORDER = ("decompose_normact", "modularize", "deep_control", "fold_bn", "plan", "link", "widen", "boundaries",
+         "relayout", "normprop")
+
+
+def traced(net: nn.Module, shape: tuple[int, ...] = (2, 3, 8, 8), **options) -> tuple[fx.GraphModule, PassContext]:
+    """``net`` (BN statistics randomised) traced and shape-annotated, with a fresh context."""
+    net = net.eval()
+    generator = torch.Generator().manual_seed(0)
+    randomize_batchnorm(net, torch.randn((8,) + tuple(shape[1:]), generator=generator))
+    x = torch.randn(shape, generator=generator)
+    opts = ConvertOptions(**options)
+    ctx = PassContext(opts, ConversionReport(model=type(net).__name__, options=opts.to_dict()), (x,))
+    gm = trace(private_eval_copy(net), opts.leaf_modules)
+    propagate_shapes(gm, (x,))
+    return gm, ctx
+
+
+def until(gm: fx.GraphModule, ctx: PassContext, step: str) -> tuple[fx.GraphModule, LinkPlan | None]:
+    """Run ``convert``'s steps before ``step`` (with the option-dependent ones only when enabled)."""
+    plan = None
+    for name in ORDER[:ORDER.index(step)]:
+        if name == "deep_control" and ctx.options.norm != "deep-control":
+            continue
+        if name == "fold_bn" and not ctx.options.drop_bn:
+            continue
+        if name in ("plan", "link", "widen", "boundaries", "relayout") and not ctx.options.link:
+            continue
+        if name == "normprop" and ctx.options.norm != "normprop":
+            continue
+        if name == "plan":
+            propagate_shapes(gm, ctx.example_inputs)
+            plan = plan_links(gm, ctx.options)
+        elif name in ("link", "widen", "boundaries", "relayout"):
+            gm = getattr(passes, name).run(gm, ctx, plan)
+        else:
+            gm = getattr(passes, name).run(gm, ctx)
+    return gm, plan
+
+
+def module_types(gm: fx.GraphModule) -> Counter:
+    """How many call sites of each module type the graph has (what a pass fired on)."""
+    return Counter(type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module")
+
+
+def functions(gm: fx.GraphModule) -> Counter:
+    """How many call_function / call_method nodes of each target the graph has."""
+    return Counter(n.target if isinstance(n.target, str) else n.target.__name__
+                   for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+
+
+def outputs_match(a: nn.Module, b: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> bool:
+    """Eval outputs agree within ``tol`` (relative to max(1, |y|)), in float64 to isolate the rewrite."""
+    with torch.no_grad():
+        ya, yb = copy.deepcopy(a).double()(x.double()), copy.deepcopy(b).double()(x.double())
+    return float((ya - yb).abs().max() / max(1.0, float(ya.abs().max()))) <= tol
+
+
+def conv_bn_relu(cin: int = 3, cout: int = 4) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
