@@ -95,20 +95,34 @@ def plot_dead(dead: dict[str, list[DeadUnits]], path: Path, title: str, primary_
     _save(plt, fig, path)
 
 
-def plot_depth(histories: dict[str, dict[str, Any]], dead: dict[str, list[DeadUnits]], path: Path, title: str) -> None:
-    """Depth experiment, one figure: test accuracy per epoch and dead units per layer, per variant."""
-    plt, fig, (acc_ax, dead_ax) = _figure(2)
-    for variant, history in histories.items():
-        epochs = history["epochs"]
-        acc_ax.plot([r["epoch"] for r in epochs], [r["test_accuracy"] for r in epochs], marker=".", label=variant)
-        dead_ax.plot(range(len(dead[variant])), [r.fraction for r in dead[variant]], label=variant)
-    acc_ax.axhline(0.1, color="grey", linestyle=":", label="chance")
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{title}: test accuracy")
-    dead_ax.set(xlabel="activation layer (stem = 0)", ylabel="dead-unit fraction", ylim=(-0.03, 1.03),
-                title="dead units per layer (after training)")
-    for ax in (acc_ax, dead_ax):
+def plot_bands(ax: Any, xs: Sequence[float], curves: Sequence[Sequence[float]], label: str) -> None:
+    """Mean over seeds as a line, min..max over seeds as a shaded band (curves of equal length)."""
+    columns = list(zip(*curves))
+    mean = [sum(c) / len(c) for c in columns]
+    line, = ax.plot(xs, mean, marker=".", label=f"{label} (n={len(curves)})")
+    ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color=line.get_color(), alpha=0.2)
+
+
+def plot_depth(runs: list[dict[str, Any]], path: Path, title: str, threshold: float) -> None:
+    """Depth experiment, one figure: test accuracy per epoch per variant (mean over seeds, band
+    min..max) and the final accuracy of every seed."""
+    plt, fig, (acc_ax, seed_ax) = _figure(2)
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    for i, variant in enumerate(variants):
+        mine = [r["test_accuracy_per_epoch"] for r in runs if r["variant"] == variant]
+        n = min(len(c) for c in mine)
+        plot_bands(acc_ax, range(1, n + 1), [c[:n] for c in mine], variant)
+        finals = [r["test_accuracy"] for r in runs if r["variant"] == variant]
+        seed_ax.scatter([i] * len(finals), finals, alpha=0.7)
+    for ax in (acc_ax, seed_ax):
+        ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+    seed_ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"trains (> {threshold:g})")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{title}: mean and min..max over seeds")
+    seed_ax.set(ylabel="final test accuracy", title="every seed", ylim=(-0.03, 1.03))
+    seed_ax.set_xticks(range(len(variants)), variants, rotation=45, ha="right", fontsize=8)
+    for ax in (acc_ax, seed_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     _save(plt, fig, path)
 
 
