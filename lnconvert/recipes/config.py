@@ -64,7 +64,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "twin_lr_factors": [1, 10],  # linked arms: twin_lr = lr x factor, chosen with lr
         "seeds": [0, 1, 2, 3, 4],
         "selection_seed": 1000,  # the hyper-parameter search's batch order, apart from the reported seeds
-        "jobs": 1,
+        "jobs": 1,              # (arm, batch size) tasks run as parallel processes
+        "time_limit_minutes": None,  # start no new task after this; metrics list what did not run
     },
 }
 LIST_ITEMS = {"finetune": FINETUNE}  # list-valued sections whose items are mappings with these keys

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from ..analysis import dead_units
 from .config import RecipeError, fingerprint
 from .data import Data, build_data
 from .nets import VARIANTS, plain_deep_net
-from .output import dead_rows, overall_dead, plot_depth, table, write_json
+from .output import dead_rows, overall_dead, plot_depth, run_tasks, table, write_json
 from .train import evaluate, fit, make_optimizer, ordered_batches
 
 PAPER_CIFAR10 = {"relu": 0.10, "prelu": 0.10, "silu": 0.10, "linked_relu": 0.567, "linked_selu": 0.588,
@@ -122,22 +121,7 @@ def depth(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> dic
         console.print(f"  {row['variant']:<13} seed {row['seed']}: test acc {row['test_accuracy']:.4f} "
                       f"after {row['epochs']} epochs ({len(runs)}/{len(tasks)})")
 
-    if jobs == 1:
-        for variant, seed in tasks:
-            if not runs or in_time():  # the first task always runs, as the first `jobs` do in parallel
-                done(train_variant(cfg, variant, seed, out, resume))
-    else:
-        import multiprocessing
-
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = list(tasks)
-            running = {pool.submit(train_variant, cfg, *pending.pop(0), out, resume) for _ in range(min(jobs, len(pending)))}
-            while running:  # a task starts only while time is left (a started one finishes)
-                future = next(as_completed(running))
-                running.remove(future)
-                done(future.result())
-                if pending and in_time():
-                    running.add(pool.submit(train_variant, cfg, *pending.pop(0), out, resume))
+    run_tasks(tasks, jobs, lambda variant, seed: (train_variant, cfg, variant, seed, out, resume), done, in_time)
     not_run = [{"variant": v, "seed": s} for v, s in tasks if not any(r["variant"] == v and r["seed"] == s for r in runs)]
     order = {task: i for i, task in enumerate(tasks)}
     runs.sort(key=lambda r: order[(r["variant"], r["seed"])])

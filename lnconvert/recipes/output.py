@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -17,6 +17,35 @@ def progress_bar(console: Console) -> Progress:
     return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("eta"),
                     TimeRemainingColumn(), console=console, transient=False)
+
+
+def run_tasks(tasks: Sequence[tuple], jobs: int, call: Callable[..., tuple], done: Callable[[Any], None],
+              in_time: Callable[[], bool]) -> None:
+    """Run ``call(*task)`` (a function and its arguments) for each task, ``jobs`` processes at a
+    time (spawned; 1: in this process), handing each result to ``done`` as it finishes. A task
+    starts only while ``in_time()``, except the first ``jobs``: a started task always finishes."""
+    if jobs == 1:
+        for i, task in enumerate(tasks):
+            if i == 0 or in_time():
+                function, *args = call(*task)
+                done(function(*args))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = list(tasks)
+        running = set()
+        while pending and len(running) < jobs:
+            function, *args = call(*pending.pop(0))
+            running.add(pool.submit(function, *args))
+        while running:
+            future = next(as_completed(running))
+            running.remove(future)
+            done(future.result())
+            if pending and in_time():
+                function, *args = call(*pending.pop(0))
+                running.add(pool.submit(function, *args))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +38,7 @@ from ..convert import convert
 from ..finetune import param_groups
 from .config import RecipeError, fingerprint
 from .nets import DigitsResNet
-from .output import _figure, _save, plot_bands, table, write_json
+from .output import _figure, _save, plot_bands, run_tasks, table, write_json
 from .train import epoch_batches, evaluate, fit, make_optimizer
 
 LINKED = {"linked-mirror": {"policy": "mirror"}, "linked-minmax": {"policy": "minmax"},
@@ -251,9 +250,29 @@ def _grid(arm: str, cfg: dict[str, Any]) -> list[tuple[float, float | None]]:
     return [(lr, None) for lr in lrs]
 
 
-def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Path) -> dict[str, Any]:
+def task_key(cfg: dict[str, Any], arm: str, batch_size: int) -> str:
+    """Everything one (arm, batch size) result depends on (not ``arms``, ``batch_sizes``, ``jobs``)."""
+    keys = ("data", "shift", "split", "model", "pretrain", "seed", "samples", "curve_points", "optimizer", "lr_grid",
+            "twin_lr_factors", "seeds", "selection_seed")
+    return fingerprint({k: cfg[k] for k in keys}, arm, batch_size)
+
+
+def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Path, resume: bool = True
+            ) -> dict[str, Any]:
     """One task: choose (lr, twin_lr) for ``arm`` at ``batch_size`` on the validation split
-    (selection seed), then fine-tune with every seed and test on the held-out target test set."""
+    (selection seed), then fine-tune with every seed and test on the held-out target test set.
+    The result is kept in ``checkpoints/`` next to the pretrained model; with ``resume`` a
+    result of the same configuration is reused."""
+    import json
+
+    from ..io import atomic_path
+
+    key = task_key(cfg, arm, batch_size)
+    cached = pretrained_path.parent / f"{arm}-bs{batch_size}.json"
+    if resume and cached.is_file():
+        saved = json.loads(cached.read_text())
+        if saved.get("fingerprint") == key:
+            return saved["result"]
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     data = transfer_data(cfg)
@@ -271,9 +290,12 @@ def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Pat
     memory = runs[0]["peak_step_bytes"]
     for run in runs:
         run["peak_step_bytes"] = memory  # one deterministic measurement per arm and batch size
-    return {"arm": arm, "batch_size": batch_size, "runs": runs,
-            "selection": [{"lr": c["lr"], "twin_lr": c["twin_lr"], "val_accuracy": c["val_accuracy"],
-                           "val_loss": c["val_loss"]} for c in candidates]}
+    result = {"arm": arm, "batch_size": batch_size, "runs": runs,
+              "selection": [{"lr": c["lr"], "twin_lr": c["twin_lr"], "val_accuracy": c["val_accuracy"],
+                             "val_loss": c["val_loss"]} for c in candidates]}
+    with atomic_path(cached) as tmp:
+        Path(tmp).write_text(json.dumps({"fingerprint": key, "result": result}))
+    return result
 
 
 def pretrained_model(cfg: dict[str, Any]) -> nn.Module:
@@ -333,12 +355,12 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
     started = time.perf_counter()
     _check(cfg)
     data = transfer_data(cfg)
+    torch.manual_seed(cfg["seed"])  # the pretrained model's initialisation and everything after it
     model = pretrained_model(cfg)
     console.print(f"[bold]{cfg['name']}[/bold]: source digits {len(data['source_train'])}+"
                   f"{len(data['source_test'])}; target ({cfg['shift']}) fit {len(data['target_fit'])}, val "
                   f"{len(data['target_val'])}, test {len(data['target_test'])}; {len(cfg['arms'])} arms x "
                   f"batch {cfg['batch_sizes']} x {len(cfg['seeds'])} seeds, {cfg['samples']} samples each")
-    torch.manual_seed(cfg["seed"])
     pre, path = cfg["pretrain"], out / "checkpoints" / "pretrain.pt"
     opt = make_optimizer(pre["optimizer"], model.parameters(), pre["lr"], pre["weight_decay"])
     fit(model, opt, data["source_train"], batch_size=pre["batch_size"], epochs=pre["epochs"],
@@ -353,7 +375,12 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
                   f"{shift[0]['target_mean_shift']:.2f} running std (source {shift[0]['source_mean_shift']:.2f})")
 
     tasks = [(arm, bs) for bs in cfg["batch_sizes"] for arm in cfg["arms"]]
-    results = []
+    results: list[dict[str, Any]] = []
+    limit = cfg["time_limit_minutes"]
+    deadline = None if limit is None else started + 60.0 * float(limit)
+
+    def in_time() -> bool:
+        return deadline is None or time.perf_counter() < deadline
 
     def done(result: dict[str, Any]) -> None:
         results.append(result)
@@ -363,15 +390,9 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
                       f"{statistics.fmean(accs):.4f} +- {statistics.stdev(accs) if len(accs) > 1 else 0:.4f} "
                       f"(lr {best['lr']:g}, twin_lr {best['twin_lr']}) ({len(results)}/{len(tasks)})")
 
-    if cfg["jobs"] == 1:
-        for arm, bs in tasks:
-            done(run_arm(cfg, arm, bs, path))
-    else:
-        import multiprocessing
-
-        with ProcessPoolExecutor(cfg["jobs"], mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(run_arm, cfg, arm, bs, path) for arm, bs in tasks]):
-                done(future.result())
+    run_tasks(tasks, cfg["jobs"], lambda arm, bs: (run_arm, cfg, arm, bs, path, resume), done, in_time)
+    not_run = [{"arm": a, "batch_size": b} for a, b in tasks if not any(r["arm"] == a and r["batch_size"] == b
+                                                                        for r in results)]
     order = {task: i for i, task in enumerate(tasks)}
     results.sort(key=lambda r: order[(r["arm"], r["batch_size"])])
     runs = [run for result in results for run in result["runs"]]
@@ -382,7 +403,8 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
                "bn_input_shift": shift, "threads": cfg["threads"], "torch": torch.__version__,
                "summary": summary, "selection": [{"arm": r["arm"], "batch_size": r["batch_size"],
                                                   "grid": r["selection"]} for r in results],
-               "runs": runs, "files": {"metrics": "metrics.json", "plot": "transfer.png"},
+               "runs": runs, "not_run": not_run, "time_limit_minutes": limit,
+               "files": {"metrics": "metrics.json", "plot": "transfer.png"},
                "seconds": time.perf_counter() - started}
     write_json(out / "metrics.json", metrics)
     console.print(table(f"{cfg['name']}: target test accuracy over {len(cfg['seeds'])} seeds "
@@ -392,5 +414,8 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
                           "-" if r["twin_lr"] is None else f"{r['twin_lr']:g}",
                           "-" if r["ms_per_step"] is None else f"{r['ms_per_step']:.1f}",
                           " ".join(f"{a:.3f}" for a in r["per_seed"].values())) for r in summary]))
+    if not_run:
+        console.print(f"not run (time_limit_minutes {limit}): " + ", ".join(f"{r['arm']} batch {r['batch_size']}"
+                                                                           for r in not_run))
     console.print(f"outputs in {out}/: metrics.json, transfer.png")
     return metrics
