@@ -20,10 +20,13 @@ def progress_bar(console: Console) -> Progress:
 
 
 def run_tasks(tasks: Sequence[tuple], jobs: int, call: Callable[..., tuple], done: Callable[[Any], None],
-              in_time: Callable[[], bool]) -> None:
+              in_time: Callable[[], bool], start_first: bool = True) -> None:
     """Run ``call(*task)`` (a function and its arguments) for each task, ``jobs`` processes at a
     time (spawned; 1: in this process), handing each result to ``done`` as it finishes. A task
-    starts only while ``in_time()``, except the first ``jobs``: a started task always finishes."""
+    starts only while ``in_time()``, except (with ``start_first``) the first ``jobs``; a started
+    task always finishes."""
+    if not start_first and not in_time():
+        return
     if jobs == 1:
         for i, task in enumerate(tasks):
             if i == 0 or in_time():

@@ -267,12 +267,9 @@ def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Pat
 
     from ..io import atomic_path
 
-    key = task_key(cfg, arm, batch_size)
-    cached = pretrained_path.parent / f"{arm}-bs{batch_size}.json"
-    if resume and cached.is_file():
-        saved = json.loads(cached.read_text())
-        if saved.get("fingerprint") == key:
-            return saved["result"]
+    previous = cached_result(cfg, arm, batch_size, pretrained_path) if resume else None
+    if previous is not None:
+        return previous
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     data = transfer_data(cfg)
@@ -293,9 +290,24 @@ def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Pat
     result = {"arm": arm, "batch_size": batch_size, "runs": runs,
               "selection": [{"lr": c["lr"], "twin_lr": c["twin_lr"], "val_accuracy": c["val_accuracy"],
                              "val_loss": c["val_loss"]} for c in candidates]}
-    with atomic_path(cached) as tmp:
-        Path(tmp).write_text(json.dumps({"fingerprint": key, "result": result}))
+    with atomic_path(_cache_path(arm, batch_size, pretrained_path)) as tmp:
+        Path(tmp).write_text(json.dumps({"fingerprint": task_key(cfg, arm, batch_size), "result": result}))
     return result
+
+
+def _cache_path(arm: str, batch_size: int, pretrained_path: Path) -> Path:
+    return pretrained_path.parent / f"{arm}-bs{batch_size}.json"
+
+
+def cached_result(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Path) -> dict[str, Any] | None:
+    """The stored result of this (arm, batch size) under the same configuration, else None."""
+    import json
+
+    path = _cache_path(arm, batch_size, pretrained_path)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["result"] if saved.get("fingerprint") == task_key(cfg, arm, batch_size) else None
 
 
 def pretrained_model(cfg: dict[str, Any]) -> nn.Module:
@@ -390,7 +402,14 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
                       f"{statistics.fmean(accs):.4f} +- {statistics.stdev(accs) if len(accs) > 1 else 0:.4f} "
                       f"(lr {best['lr']:g}, twin_lr {best['twin_lr']}) ({len(results)}/{len(tasks)})")
 
-    run_tasks(tasks, cfg["jobs"], lambda arm, bs: (run_arm, cfg, arm, bs, path, resume), done, in_time)
+    # stored results first (they cost nothing and do not count against the time limit)
+    stored = {task: cached_result(cfg, *task, path) if resume else None for task in tasks}
+    for result in stored.values():
+        if result is not None:
+            done(result)
+    todo = [task for task, result in stored.items() if result is None]
+    run_tasks(todo, cfg["jobs"], lambda arm, bs: (run_arm, cfg, arm, bs, path, resume), done, in_time,
+              start_first=not results)  # with stored results a passed time limit starts nothing new
     not_run = [{"arm": a, "batch_size": b} for a, b in tasks if not any(r["arm"] == a and r["batch_size"] == b
                                                                         for r in results)]
     order = {task: i for i, task in enumerate(tasks)}
