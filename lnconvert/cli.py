@@ -440,6 +440,8 @@ def recipe_run(
     data: Optional[str] = typer.Option(None, help="ImageFolder directory, or CIFAR-10 root (data.path / "
                                                   "data.data_root)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore existing checkpoints in the run directory."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel processes for recipes with "
+                                                                   "independent runs (depth, transfer)."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Run a recipe: metrics JSON, PNG plots, checkpoints (resumed) and the final model in OUT."""
@@ -447,7 +449,7 @@ def recipe_run(
         from .recipes import run_recipe
 
         run_recipe(path, out=out_dir, overrides=overrides or (), resume=not fresh, weights=weights, data=data,
-                   console=out)
+                   jobs=jobs, console=out)
     except (typer.Exit, click.exceptions.Exit):
         raise
     except BaseException as exc:

@@ -143,16 +143,45 @@ def test_plain_deep_net_normalisation_variants():
         assert net(x).shape == (2, 10)
 
 
+REDUCED_DEPTH = ["threads=1", "model.depth=3", "data.size=16", "data.max_train=96", "data.max_test=64",
+                 "train.epochs=1"]
+
+
 def test_depth_recipe_reduced(tmp_path):
     metrics = run_recipe(RECIPES / "depth50-digits.yaml", out=tmp_path, console=QUIET, overrides=[
-        "threads=1", "model.depth=3", "data.size=16", "data.max_train=96", "data.max_test=64", "train.epochs=1",
+        *REDUCED_DEPTH, "seeds=[0, 1]", "variant_epochs={linked_relu: 2}",
         "variants=[relu, linked_relu, relu_bn, normprop, deep_control, lcw_sigmoid]"])
-    assert [r["variant"] for r in metrics["variants"]] == ["relu", "linked_relu", "relu_bn", "normprop",
-                                                           "deep_control", "lcw_sigmoid"]
-    assert all(r["layers"] == 4 and 0 <= r["test_accuracy"] <= 1 for r in metrics["variants"])
-    linked = next(r for r in metrics["variants"] if r["variant"] == "linked_relu")
-    assert linked["dead_fraction"] == 0.0  # a linked pair is dead only when its input is exactly 0
+    variants = ["relu", "linked_relu", "relu_bn", "normprop", "deep_control", "lcw_sigmoid"]
+    assert [(r["variant"], r["seed"]) for r in metrics["runs"]] == [(v, s) for v in variants for s in (0, 1)]
+    assert all(r["layers"] == 4 and 0 <= r["test_accuracy"] <= 1 for r in metrics["runs"])
+    assert {r["variant"]: r["epochs"] for r in metrics["runs"]} == {v: 2 if v == "linked_relu" else 1 for v in variants}
+    assert all(len(r["test_accuracy_per_epoch"]) == r["epochs"] for r in metrics["runs"])
+    # a linked pair dies only where its input is exactly 0
+    assert all(r["dead_fraction"] == 0.0 for r in metrics["runs"] if r["variant"] == "linked_relu")
+    for row in metrics["summary"]:
+        accs = [r["test_accuracy"] for r in metrics["runs"] if r["variant"] == row["variant"]]
+        assert row["mean"] == pytest.approx(sum(accs) / 2, abs=1e-12) and row["seeds"] == 2
+        assert row["trained_fraction"] == sum(a > 0.5 for a in accs) / 2
+    relu = [r for r in metrics["runs"] if r["variant"] == "relu"]
+    assert relu[0]["train_loss_per_epoch"] != relu[1]["train_loss_per_epoch"]  # the seed changes init and order
+    assert metrics["not_run"] == []
     assert (tmp_path / "depth.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_depth_recipe_parallel_jobs_match_one_process_and_the_time_limit_records_what_did_not_run(tmp_path):
+    overrides = [*REDUCED_DEPTH, "model.depth=1", "variants=[selu, linked_relu]", "seeds=[3, 4]"]
+    serial = run_recipe(RECIPES / "depth50-digits.yaml", out=tmp_path / "serial", console=QUIET, overrides=overrides)
+    parallel = run_recipe(RECIPES / "depth50-digits.yaml", out=tmp_path / "parallel", console=QUIET, jobs=2,
+                          overrides=overrides)
+    key = [(r["variant"], r["seed"]) for r in serial["runs"]]
+    assert key == [(r["variant"], r["seed"]) for r in parallel["runs"]] == [("selu", 3), ("selu", 4),
+                                                                            ("linked_relu", 3), ("linked_relu", 4)]
+    for a, b in zip(serial["runs"], parallel["runs"]):  # same process settings (1 thread): same numbers
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    # a limit that has passed once the first run finishes: the rest is listed, not silently dropped
+    limited = run_recipe(RECIPES / "depth50-digits.yaml", out=tmp_path / "limited", console=QUIET,
+                         overrides=[*overrides, "time_limit_minutes=0.00001"])
+    assert len(limited["runs"]) == 1 and len(limited["not_run"]) == 3
 
 
 def _image_folder(root: Path, classes=("cat", "dog"), per_class=10):
@@ -188,6 +217,10 @@ def test_imagefolder_recipe_with_a_new_head(tmp_path):
     (["{recipes}/imagefolder-finetune.yaml", "--data", "/nonexistent-images"], "ImageFolder directory not found"),
     (["{recipes}/imagefolder-finetune.yaml", "--set", "data.kind=cifar10", "--data", "{tmp}"], "CIFAR-10 not found"),
     (["{recipes}/depth50-digits.yaml", "--set", "variants=[tanh]"], "unknown variant 'tanh'"),
+    (["{recipes}/depth50-digits.yaml", "--set", "variant_epochs={{tanh: 3}}"], "unknown variant 'tanh'"),
+    (["{recipes}/depth50-digits.yaml", "--jobs", "0"], "jobs must be a positive integer"),
+    (["{recipes}/digits-resnet.yaml", "--jobs", "2"], "--jobs applies to recipes with independent runs"),
+    (["{recipes}/transfer-digits.yaml", "--set", "arms=[batchnorm]"], "unknown arm 'batchnorm'"),
 ])
 def test_bad_recipe_input_exits_2_with_one_line(tmp_path, args, message):
     args = [a.format(recipes=RECIPES, tmp=tmp_path) for a in args]

@@ -31,23 +31,31 @@ def _require(*modules: str) -> None:
 
 def run_recipe(source: str | Path | dict, *, out: str | Path | None = None, overrides: Iterable[str] = (),
                resume: bool = True, weights: str | None = None, data: str | None = None,
-               console: Console | None = None) -> dict[str, Any]:
+               jobs: int | None = None, console: Console | None = None) -> dict[str, Any]:
     """Run a recipe; returns its metrics (also written to ``OUT/metrics.json``).
 
     ``out`` defaults to ``runs/NAME``; ``weights`` sets ``model.weights``; ``data`` sets the
-    data location (``data.path`` for ImageFolder, ``data.data_root`` for CIFAR-10). With
+    data location (``data.path`` for ImageFolder, ``data.data_root`` for CIFAR-10); ``jobs``
+    sets ``jobs`` (parallel processes, for recipes that have independent runs). With
     ``resume`` existing checkpoints of the same configuration are continued.
     """
     _require("yaml", "matplotlib", "sklearn")
     import yaml
 
-    from .pipelines import convert_finetune, depth
+    from .depth import depth
+    from .pipelines import convert_finetune
+    from .transfer import transfer
 
     config = load_recipe(source, overrides)
     if weights is not None:
         config["model"]["weights"] = weights
     if data is not None:
         config["data"]["data_root" if config["data"]["kind"] == "cifar10" else "path"] = data
+    if jobs is not None:
+        if "jobs" not in config:
+            raise RecipeError(f"--jobs applies to recipes with independent runs (depth, transfer), "
+                              f"not {config['recipe']!r}")
+        config["jobs"] = jobs
     out = Path(out) if out is not None else Path("runs") / config["name"]
     if out.exists() and not out.is_dir():
         raise OutputError(f"run directory {out} exists and is not a directory")
@@ -59,7 +67,7 @@ def run_recipe(source: str | Path | dict, *, out: str | Path | None = None, over
         Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False))
     if config["threads"]:
         torch.set_num_threads(int(config["threads"]))
-    pipeline = convert_finetune if config["recipe"] == "convert-finetune" else depth
+    pipeline = {"convert-finetune": convert_finetune, "depth": depth, "transfer": transfer}[config["recipe"]]
     return pipeline(config, out, resume, console or Console())
 
 

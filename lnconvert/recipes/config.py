@@ -40,13 +40,44 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "model": {"depth": 50, "width": 4, "stem_kernel": 7, "stem_stride": 2},
         "train": {**TRAIN, "epochs": 10},
         "variants": ["relu", "prelu", "silu", "linked_relu", "linked_selu", "selu", "relu_bn"],
+        "seeds": None,          # run seeds (init and batch order); null: [seed]
+        "variant_epochs": {},   # variant -> epochs, overriding train.epochs for that variant
+        "jobs": 1,              # (variant, seed) tasks trained as parallel processes
+        "time_limit_minutes": None,  # start no new (variant, seed) task after this; metrics list what did not run
+    },
+    "transfer": {
+        **COMMON, "data": {"kind": "digits", "size": 16, "scale": 16.0},
+        "shift": "invert",      # the target domain: invert (1 - x) | none
+        # disjoint stratified splits: the target share of all images, then within it the labelled
+        # target set (its validation part chooses learning rates) and the held-out test set (null: the rest)
+        "split": {"target_fraction": 0.5, "source_test": 0.2, "target_train": 240, "target_val": 60,
+                  "target_test": None},
+        "model": {"widths": [8, 16, 32], "blocks": 2},
+        "pretrain": {**TRAIN, "epochs": 10},
+        "arms": ["no-finetune", "bn-train", "bn-frozen", "groupnorm", "folded", "linked-mirror",
+                 "linked-minmax", "normprop", "deep-control"],
+        "batch_sizes": [1, 4, 32],
+        "samples": 720,         # target samples seen by every arm at every batch size
+        "curve_points": 6,      # test-accuracy points along the way (for the plot)
+        "optimizer": "adam",
+        "lr_grid": [1e-4, 3e-4, 1e-3],
+        "twin_lr_factors": [1, 10],  # linked arms: twin_lr = lr x factor, chosen with lr
+        "seeds": [0, 1, 2, 3, 4],
+        "selection_seed": 1000,  # the hyper-parameter search's batch order, apart from the reported seeds
+        "jobs": 1,              # (arm, batch size) tasks run as parallel processes
+        "time_limit_minutes": None,  # start no new task after this; metrics list what did not run
     },
 }
 LIST_ITEMS = {"finetune": FINETUNE}  # list-valued sections whose items are mappings with these keys
 NULLABLE = {"timing", "compact"}     # sections a recipe may switch off with `null`
+FREE_KEYS = {"variant_epochs"}       # mappings whose keys the recipe chooses (checked by the pipeline)
 
 
 def _merge(defaults: Any, given: Any, where: str) -> Any:
+    if where in FREE_KEYS:
+        if not isinstance(given, dict):
+            raise RecipeError(f"'{where}' must be a mapping, got {type(given).__name__}")
+        return dict(given)
     if isinstance(defaults, dict):
         if given is None and where in NULLABLE:
             return None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -17,6 +17,38 @@ def progress_bar(console: Console) -> Progress:
     return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("eta"),
                     TimeRemainingColumn(), console=console, transient=False)
+
+
+def run_tasks(tasks: Sequence[tuple], jobs: int, call: Callable[..., tuple], done: Callable[[Any], None],
+              in_time: Callable[[], bool], start_first: bool = True) -> None:
+    """Run ``call(*task)`` (a function and its arguments) for each task, ``jobs`` processes at a
+    time (spawned; 1: in this process), handing each result to ``done`` as it finishes. A task
+    starts only while ``in_time()``, except (with ``start_first``) the first ``jobs``; a started
+    task always finishes."""
+    if not start_first and not in_time():
+        return
+    if jobs == 1:
+        for i, task in enumerate(tasks):
+            if i == 0 or in_time():
+                function, *args = call(*task)
+                done(function(*args))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = list(tasks)
+        running = set()
+        while pending and len(running) < jobs:
+            function, *args = call(*pending.pop(0))
+            running.add(pool.submit(function, *args))
+        while running:
+            future = next(as_completed(running))
+            running.remove(future)
+            done(future.result())
+            if pending and in_time():
+                function, *args = call(*pending.pop(0))
+                running.add(pool.submit(function, *args))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -95,20 +127,34 @@ def plot_dead(dead: dict[str, list[DeadUnits]], path: Path, title: str, primary_
     _save(plt, fig, path)
 
 
-def plot_depth(histories: dict[str, dict[str, Any]], dead: dict[str, list[DeadUnits]], path: Path, title: str) -> None:
-    """Depth experiment, one figure: test accuracy per epoch and dead units per layer, per variant."""
-    plt, fig, (acc_ax, dead_ax) = _figure(2)
-    for variant, history in histories.items():
-        epochs = history["epochs"]
-        acc_ax.plot([r["epoch"] for r in epochs], [r["test_accuracy"] for r in epochs], marker=".", label=variant)
-        dead_ax.plot(range(len(dead[variant])), [r.fraction for r in dead[variant]], label=variant)
-    acc_ax.axhline(0.1, color="grey", linestyle=":", label="chance")
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{title}: test accuracy")
-    dead_ax.set(xlabel="activation layer (stem = 0)", ylabel="dead-unit fraction", ylim=(-0.03, 1.03),
-                title="dead units per layer (after training)")
-    for ax in (acc_ax, dead_ax):
+def plot_bands(ax: Any, xs: Sequence[float], curves: Sequence[Sequence[float]], label: str) -> None:
+    """Mean over seeds as a line, min..max over seeds as a shaded band (curves of equal length)."""
+    columns = list(zip(*curves))
+    mean = [sum(c) / len(c) for c in columns]
+    line, = ax.plot(xs, mean, marker=".", label=f"{label} (n={len(curves)})")
+    ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color=line.get_color(), alpha=0.2)
+
+
+def plot_depth(runs: list[dict[str, Any]], path: Path, title: str, threshold: float) -> None:
+    """Depth experiment, one figure: test accuracy per epoch per variant (mean over seeds, band
+    min..max) and the final accuracy of every seed."""
+    plt, fig, (acc_ax, seed_ax) = _figure(2)
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    for i, variant in enumerate(variants):
+        mine = [r["test_accuracy_per_epoch"] for r in runs if r["variant"] == variant]
+        n = min(len(c) for c in mine)
+        plot_bands(acc_ax, range(1, n + 1), [c[:n] for c in mine], variant)
+        finals = [r["test_accuracy"] for r in runs if r["variant"] == variant]
+        seed_ax.scatter([i] * len(finals), finals, alpha=0.7)
+    for ax in (acc_ax, seed_ax):
+        ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+    seed_ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8, label=f"trains (> {threshold:g})")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{title}: mean and min..max over seeds")
+    seed_ax.set(ylabel="final test accuracy", title="every seed", ylim=(-0.03, 1.03))
+    seed_ax.set_xticks(range(len(variants)), variants, rotation=45, ha="right", fontsize=8)
+    for ax in (acc_ax, seed_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     _save(plt, fig, path)
 
 

@@ -1,4 +1,4 @@
-"""The two recipe pipelines: convert-then-fine-tune, and the depth experiment."""
+"""The convert-then-fine-tune pipeline (the depth experiment is in ``depth.py``, transfer in ``transfer.py``)."""
 from __future__ import annotations
 
 import copy
@@ -19,8 +19,8 @@ from ..io import save_with_spec, spec_for
 from ..models import load_model, load_weights
 from .config import RecipeError, fingerprint
 from .data import Data, build_data
-from .nets import VARIANTS, DigitsResNet, plain_deep_net
-from .output import dead_rows, overall_dead, plot_curves, plot_dead, plot_depth, progress_bar, table, write_json
+from .nets import DigitsResNet
+from .output import dead_rows, overall_dead, plot_curves, plot_dead, progress_bar, table, write_json
 from .train import evaluate, fit, make_optimizer, ordered_batches, time_train_steps
 
 BUILTIN = "digits_resnet"
@@ -240,60 +240,3 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
                              ("BN-free, linked", 1e3 * s["linked"]), ("BN / BN-free", timing["bn_over_bn_free"])]))
     console.print(f"outputs in {out}/: {', '.join(files.values())}")
     return metrics
-
-
-# --- the depth experiment ----------------------------------------------------------------
-PAPER_CIFAR10 = {"relu": 0.10, "prelu": 0.10, "silu": 0.10, "linked_relu": 0.567, "linked_selu": 0.588,
-                 "selu": 0.565, "relu_bn": 0.520}
-
-
-def _input_stats(data: Data) -> tuple[float, float]:
-    """Mean and std of the training inputs: NormProp standardises its input once with them."""
-    inputs = torch.cat([x for x, _ in ordered_batches(data.train, 256)])
-    return float(inputs.mean()), float(inputs.std())
-
-
-def depth(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> dict[str, Any]:
-    """Train the plain deep net once per activation variant from the same seed; final test
-    accuracy and dead units per variant (the Linked Neurons depth experiment)."""
-    started = time.perf_counter()
-    unknown = [v for v in cfg["variants"] if v not in VARIANTS]
-    if unknown:
-        raise RecipeError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    data = build_data(cfg["data"], cfg["seed"])
-    input_stats = _input_stats(data) if "normprop" in cfg["variants"] else (0.0, 1.0)
-    m, train = cfg["model"], cfg["train"]
-    console.print(f"[bold]{cfg['name']}[/bold]: {data.description}; {m['depth']} 3x3 convs of {m['width']} "
-                  f"filters after a {m['stem_kernel']}x{m['stem_kernel']}/{m['stem_stride']} stem")
-    rows, histories, dead = [], {}, {}
-    with progress_bar(console) as progress:
-        for variant in cfg["variants"]:
-            torch.manual_seed(cfg["seed"])
-            net = plain_deep_net(variant, m["depth"], m["width"], data.input_shape[0], data.num_classes,
-                                 data.input_shape[-1], m["stem_kernel"], m["stem_stride"], input_stats)
-            opt = make_optimizer(train["optimizer"], net.parameters(), train["lr"], train["weight_decay"])
-            key = fingerprint(cfg["data"], m, train, variant, cfg["seed"], cfg["amp"])
-            histories[variant] = _fit(net, opt, data, train, cfg, out / "checkpoints" / f"{variant}.pt", key,
-                                      resume, progress, variant)
-            test, fit_train = evaluate(net, data.test), evaluate(net, data.train)
-            dead[variant] = _dead(net, data, cfg)
-            rows.append({"variant": variant, "test_accuracy": test["accuracy"], "train_loss": fit_train["loss"],
-                         "dead_fraction": overall_dead(dead[variant]),
-                         "dead_layers": sum(r.fraction == 1.0 for r in dead[variant]), "layers": len(dead[variant]),
-                         "paper_cifar10": PAPER_CIFAR10.get(variant),
-                         "ms_per_step": 1e3 * histories[variant]["seconds"]
-                         / max(1, len(histories[variant]["step_loss"]))})
-    plot_depth(histories, dead, out / "depth.png", cfg["name"])
-    metrics = {"recipe": cfg["name"], "data": data.description, "variants": rows,
-               "dead_units": {v: dead_rows(r) for v, r in dead.items()}, "histories": histories,
-               "files": {"metrics": "metrics.json", "plot": "depth.png"}, "seconds": time.perf_counter() - started}
-    write_json(out / "metrics.json", metrics)
-    console.print(table(f"{cfg['name']}: final test accuracy (chance 0.10)",
-                        ["variant", "test acc", "train loss", "dead units", "dead layers", "paper CIFAR-10"],
-                        [(r["variant"], r["test_accuracy"], r["train_loss"], r["dead_fraction"],
-                          f"{r['dead_layers']}/{r['layers']}",
-                          "-" if r["paper_cifar10"] is None else r["paper_cifar10"])
-                         for r in rows]))
-    console.print(f"outputs in {out}/: metrics.json, depth.png")
-    return metrics
-
