@@ -1,60 +1,100 @@
-"""ONNX Runtime latency of original vs converted (linked, BN-free) models.
+"""ONNX Runtime latency of original vs converted (linked, BN-free) vs compacted models.
 
-Prints, per model and batch size, the median latency of each over >= 30 runs (measured
-interleaved, so machine load affects both alike), their ratio, and the MAC ratio from the
-conversion report: the honest cost of linking before any compaction.
+Per model and batch size prints, for the converted export and for the compacted one (every
+twin removed by lnconvert.compact's exact stage, so 1.0x MACs), the ratio to the original
+of: median latency (all three sessions measured interleaved, run by run, so machine load
+affects them alike), MACs (conversion report), their quotient (latency x / MACs x; the
+issue-19 target is <= 1.4 for depthwise nets and <= 1.15 for dense ones), and bytes (every
+op of the exported graph: inputs read + outputs written, weights included, float32, from
+ONNX shape inference at that batch size), plus the layout ops (Reshape, Transpose, Gather,
+Split, Slice, Concat) the converted export adds to the original's.
 
-    python benchmarks/onnx_latency.py [--runs 30] [--size 224] [--models resnet18 ...]
+    python benchmarks/onnx_latency.py [--runs 20] [--threads 1] [--size 224] [--models resnet18 ...]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
 import lnconvert
-from lnconvert.export import export_onnx
+from lnconvert.compact import compact
+from lnconvert.export import describe_layout_ops, export_onnx, layout_ops
 from lnconvert.testing import randomize_batchnorm
+
+MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0", "regnet_y_400mf",
+          "shufflenet_v2_x1_0", "timm/mobilenetv3_small_050", "timm/efficientnet_b0", "timm/ghostnet_050"]
+
+
+def graph_bytes(path: Path, batch: int) -> int:
+    """Bytes read and written by every node of the graph (float32 tensors; a symbolic dim is
+    the batch), weights included: the memory traffic a depthwise net is bound by."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    sizes = {init.name: math.prod(init.dims) for init in model.graph.initializer}
+    for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        sizes[value.name] = math.prod(d.dim_value if d.dim_value else batch for d in dims)
+    return 4 * sum(sizes.get(name, 0) for node in model.graph.node for name in [*node.input, *node.output] if name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "efficientnet_b0"])
+    parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (0: ORT's default)")
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args()
-    print(f"ORT {ort.__version__}, CPUExecutionProvider, {args.size}x{args.size}, median of {args.runs} runs, "
-          f"intra-op threads: ORT default")
-    print(f"{'model':18s} {'batch':>5s} {'original ms':>12s} {'converted ms':>13s} {'latency x':>10s} {'MACs x':>7s}")
+    print(f"ORT {ort.__version__}, CPUExecutionProvider, {args.size}x{args.size}, median of {args.runs} interleaved "
+          f"runs, intra-op threads: {args.threads or 'ORT default'}")
+    print(f"{'model':28s} {'batch':>5s} {'orig ms':>8s} | {'conv lat x':>10s} {'MACs x':>6s} {'quot':>5s} "
+          f"{'bytes x':>7s} | {'compact lat x':>13s} {'MACs x':>6s} {'quot':>5s} {'bytes x':>7s} | layout ops added")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
+            torch.manual_seed(0)
             model = lnconvert.load_model(name)
             randomize_batchnorm(model, torch.randn(4, 3, args.size, args.size))
             x = torch.randn(2, 3, args.size, args.size)
             result = lnconvert.convert(model, example_inputs=x)
-            paths = {"original": export_onnx(model, Path(tmp) / f"{name}-orig.onnx", example_inputs=(x,)),
-                     "converted": export_onnx(result, Path(tmp) / f"{name}-linked.onnx")}
-            sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
-            macs = result.report.macs_after / result.report.macs_before
+            small = compact(result)
+            stem = Path(tmp) / name.replace("/", "_")
+            paths = {"original": export_onnx(model, f"{stem}-orig.onnx", example_inputs=(x,)),
+                     "converted": export_onnx(result, f"{stem}-linked.onnx"),
+                     "compacted": export_onnx(small.model, f"{stem}-compact.onnx", example_inputs=(x,))}
+            sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                        for k, p in paths.items()}
+            macs = {"converted": result.report.macs_after / result.report.macs_before,
+                    "compacted": small.report.macs_after / small.report.macs_original}
+            added = describe_layout_ops(layout_ops(paths["converted"]) - layout_ops(paths["original"]))
             for batch in args.batches:
                 feed = np.random.default_rng(0).standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
                 times = {k: [] for k in sessions}
-                for key, sess in sessions.items():  # warm-up
+                for sess in sessions.values():  # warm-up
                     sess.run(None, {sess.get_inputs()[0].name: feed})
                 for _ in range(args.runs):
                     for key, sess in sessions.items():
                         start = time.perf_counter()
                         sess.run(None, {sess.get_inputs()[0].name: feed})
                         times[key].append(time.perf_counter() - start)
-                orig, conv = (statistics.median(times[k]) * 1e3 for k in ("original", "converted"))
-                print(f"{name:18s} {batch:5d} {orig:12.2f} {conv:13.2f} {conv / orig:10.2f} {macs:7.2f}", flush=True)
+                median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+                base_bytes = graph_bytes(paths["original"], batch)
+                cells = []
+                for key in ("converted", "compacted"):
+                    latency = median[key] / median["original"]
+                    cells.append(f"{latency:10.2f} {macs[key]:6.2f} {latency / macs[key]:5.2f} "
+                                 f"{graph_bytes(paths[key], batch) / base_bytes:7.2f}")
+                print(f"{name:28s} {batch:5d} {median['original']:8.2f} | {cells[0]} | {cells[1]:>35s} | {added}",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,7 @@ def convert_cmd(
                 export_onnx(result, onnx, force=force)
                 rows = verify_onnx(onnx, net, sample_shape=inputs[0].shape[1:], tolerance=tolerance)
             print_parity(rows, f"ONNX Runtime vs original: {onnx}")
+            print_layout_ops(onnx, net, tuple(inputs[0].shape[1:]))
             require_parity(rows, onnx)
             if optimized is not None:
                 from .export import optimize_onnx
@@ -262,6 +263,20 @@ def print_parity(rows, title: str, console: Console = out) -> None:
     console.print(table)
 
 
+def print_layout_ops(path: Path, reference, sample_shape) -> None:
+    """One line: the layout ops (Reshape, Transpose, Gather, Split, Slice, Concat) the file has
+    beyond the reference's own export."""
+    import torch
+
+    from .export import added_layout_ops, describe_layout_ops, input_shape, session
+
+    shape = tuple(sample_shape) if sample_shape else input_shape(session(path))
+    if shape is None:
+        return
+    added = added_layout_ops(path, reference, (torch.randn(1, *shape),))
+    out.print(f"layout ops added vs the original's export: {describe_layout_ops(added)}")
+
+
 @app.command("verify-onnx", no_args_is_help=True)
 def verify_onnx_cmd(
     onnx_file: Path = typer.Argument(..., help="The .onnx file to check."),
@@ -297,6 +312,7 @@ def verify_onnx_cmd(
         rows = verify_onnx(onnx_file, ref, data=user, data_label=data.name if data else "data", sample_shape=size,
                            batch_sizes=batch, tolerance=tolerance)
         print_parity(rows, f"ONNX Runtime vs {reference}: {onnx_file}", out)
+        print_layout_ops(onnx_file, ref, size)
         require_parity(rows, onnx_file)
     except (typer.Exit, click.exceptions.Exit):
         raise

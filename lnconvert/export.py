@@ -16,30 +16,37 @@ import contextlib
 import copy
 import io as _io
 import json
+import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import __version__
 from .errors import LnConvertError, OutputError, ParityError, UsageError
 from .io import atomic_path, check_output_path
+from .nn import LinkedActivation
+from .passes import lower_linked
 from .report import DEFAULT_TOLERANCE, OutputParity
 from .verify import eval_mode, flat_outputs, parity
 
 
 def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Sequence[torch.Tensor] | None = None,
                 opset: int = 18, dynamic_batch: bool = True, force: bool = False,
-                metadata: dict[str, Any] | None = None) -> Path:
+                metadata: dict[str, Any] | None = None, lower: bool = True) -> Path:
     """Export a converted model to ONNX at ``path``: a ConversionResult or the model it holds
     (their example inputs and report are used), or any other module with ``example_inputs``
     (e.g. the original, to compare).
 
-    Preserves: the function (checked separately by :func:`verify_onnx`); the conversion
-    report, or ``metadata``, is stored in the file's ``metadata_props``.
+    ``lower`` (default): the exported copy has its linked activations' conv/linear consumers
+    read the primary and twin halves directly (:mod:`lnconvert.passes.lower_linked`), so
+    no concat or reshape is exported for them and depthwise convs stay ordinary; the model
+    itself is not changed. Preserves: the function (checked separately by :func:`verify_onnx`);
+    the report of a ConversionResult, or ``metadata``, is stored in the file's ``metadata_props``.
     """
     import onnx
 
@@ -65,6 +72,8 @@ def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Seque
                      parity=json.dumps([p.__dict__ for p in report.parity], default=str), status=report.status)
     try:
         with atomic_path(path) as tmp, eval_mode(model), torch.no_grad():
+            if lower and _has_linked(model):
+                model, props["lowered_consumers"] = lower_linked.run(model, args)
             exporter = _export(model, args, tmp, opset, dynamic_batch)
             proto = onnx.load(tmp)
             onnx.checker.check_model(proto, full_check=True)
@@ -76,6 +85,10 @@ def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Seque
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
+
+
+def _has_linked(model: nn.Module) -> bool:
+    return isinstance(model, fx.GraphModule) and any(isinstance(m, LinkedActivation) for m in model.modules())
 
 
 def without_parametrizations(model: nn.Module) -> nn.Module:
@@ -189,6 +202,34 @@ def verify_onnx(path: str | Path, reference: nn.Module, *, data: Iterable[Any] |
                 ok = max_rel <= max(tolerance, noise_factor * floor)
                 rows.append(OutputParity(out_name, label, max_abs, max_rel, ok, "float32 (ORT)", None, floor))
     return rows
+
+
+# ops that only move or select data: an export of a linked model should add none of them
+LAYOUT_OPS = ("Reshape", "Transpose", "Gather", "Split", "Slice", "Concat")
+
+
+def layout_ops(path: str | Path) -> Counter:
+    """How many nodes of each layout op the ONNX file at ``path`` has (its main graph)."""
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node
+                   if n.op_type in LAYOUT_OPS)
+
+
+def added_layout_ops(path: str | Path, reference: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Counter:
+    """Layout ops the file at ``path`` has beyond those of ``reference``'s own export (on
+    the same exporter): what converting added. Empty when it added none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        original = export_onnx(reference, Path(tmp) / "reference.onnx", example_inputs=example_inputs, lower=False)
+        base = layout_ops(original)
+    return layout_ops(path) - base
+
+
+def describe_layout_ops(added: Counter) -> str:
+    """``"+0"`` or ``"+3 (Concat 2, Slice 1)"``: the layout ops an export added."""
+    if not added:
+        return "+0"
+    return f"+{sum(added.values())} ({', '.join(f'{op} {n}' for op, n in added.most_common())})"
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ COLUMNS = (
     "model", "library", "input_size", "traced", "bn_before", "bn_after", "bn_folded", "bn_affine", "bn_kept",
     "act_linked", "act_skipped", "consumers_widened", "boundaries_slice", "boundaries_gate",
     "params_before", "params_after", "macs_before", "macs_after", "max_rel_error", "float32_floor", "onnx_max_rel",
-    "convert_seconds", "verify_seconds", "status", "error_class", "reason", "note",
+    "onnx_layout_ops", "convert_seconds", "verify_seconds", "status", "error_class", "reason", "note",
 )
 STATUSES = ("exact", "partial", "failed")
 # tried in order when no input size is given: the first the model runs at is used
@@ -203,13 +203,16 @@ def _report_columns(report) -> dict[str, Any]:
     }
 
 
-def _onnx_max_rel(result, original) -> tuple[float, bool]:
-    from .export import export_onnx, verify_onnx
+def _onnx_max_rel(result, original) -> tuple[float, bool, str]:
+    """ORT's worst relative error, whether every output passed, and the layout ops the export
+    added to the original's (``+0`` or ``+3 (Concat 2, Slice 1)``)."""
+    from .export import added_layout_ops, describe_layout_ops, export_onnx, verify_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(result, Path(tmp) / "model.onnx")
         rows = verify_onnx(path, original, sample_shape=result.example_inputs[0].shape[1:])
-    return max(r.max_rel for r in rows), all(r.ok for r in rows)
+        added = describe_layout_ops(added_layout_ops(path, original, result.example_inputs))
+    return max(r.max_rel for r in rows), all(r.ok for r in rows), added
 
 
 def _float64_conversion(error: ParityError, model, x) -> str:
@@ -252,7 +255,7 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
             row["note"] = (f"above 1e-5 only by float32 rounding (<= the original's own); a float64 copy "
                            f"converts to {result.report.float64_conversion_error:.1e}")
         if options.onnx:
-            worst, ok = _onnx_max_rel(result, model)
+            worst, ok, row["onnx_layout_ops"] = _onnx_max_rel(result, model)
             row["onnx_max_rel"] = f"{worst:.2e}"
             if not ok:
                 row.update(status="failed", error_class="OnnxParity", reason=f"ONNX Runtime max rel {worst:.2e}")
@@ -400,7 +403,8 @@ def markdown(rows: Sequence[dict[str, Any]], options: ZooOptions | None = None) 
             f"({g('bn_folded')}/{g('bn_affine')}/{g('bn_kept')}) | {g('act_linked')}/{g('act_skipped')} | "
             f"{g('consumers_widened')} | {g('boundaries_slice')}/{g('boundaries_gate')} | "
             f"{_ratio(g('params_after'), g('params_before'))} | {_ratio(g('macs_after'), g('macs_before'))} | "
-            f"{g('max_rel_error')}{f' ({fl})' if (fl := g('float32_floor')) else ''} | {g('onnx_max_rel')} | "
+            f"{g('max_rel_error')}{f' ({fl})' if (fl := g('float32_floor')) else ''} | "
+            f"{g('onnx_max_rel')}{f', layout {lo}' if (lo := g('onnx_layout_ops')) else ''} | "
             f"{g('convert_seconds')} | "
             f"{status}{': ' + detail if detail else ''} |")
     return "\n".join(lines) + "\n"

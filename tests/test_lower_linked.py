@@ -1,0 +1,115 @@
+"""Export-time lowering of linked activations (lnconvert.passes.lower_linked): exact for any
+twin weights, and the exported graph adds no layout op for conv/linear consumers."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lnconvert
+from lnconvert.compact import compact
+from lnconvert.export import added_layout_ops, describe_layout_ops, export_onnx, layout_ops, session
+from lnconvert.nn import LinkedActivation
+from lnconvert.passes import lower_linked
+
+from .conftest import prepared
+
+ACTIVATIONS = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1), "prelu": nn.PReLU, "elu": nn.ELU,
+}
+
+
+class DepthwiseBlock(nn.Module):
+    """Inverted residual: expand 1x1 -> act -> depthwise 3x3 -> act -> project 1x1, then a head."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), act())
+        self.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), act())
+        self.project = nn.Sequential(nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 8, 12), act(), nn.Linear(12, 5))
+
+    def forward(self, x):
+        return self.head(self.project(self.depthwise(self.expand(x))))
+
+
+def _train_twins(gm: nn.Module, seed: int = 1) -> None:
+    """Give every twin weight (zero at conversion) a random value, as fine-tuning would, so
+    the lowering is checked on the twin half too (at conversion it multiplies zeros)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator) * (p == 0))
+
+
+def _converted(act: str, policy: str = "mirror"):
+    model, x = prepared(DepthwiseBlock(ACTIVATIONS[act]), shape=(2, 3, 8, 8))
+    result = lnconvert.convert(model, example_inputs=x, policy=policy)
+    _train_twins(result.model)
+    return model, result, x
+
+
+# one per twin form by default (clamp, identity, leaky identity, own twin PReLU, minmax
+# identity); the rest in the slow stage
+DEFAULT = {("relu6", "mirror"), ("silu", "mirror"), ("leaky_relu", "mirror"), ("prelu", "mirror"), ("relu", "minmax")}
+CASES = [pytest.param(a, p, marks=() if (a, p) in DEFAULT else pytest.mark.slow)
+         for a in sorted(ACTIVATIONS) for p in ("mirror", "minmax")]
+
+
+@pytest.mark.parametrize("act,policy", CASES)
+def test_lowering_is_exact_for_trained_twins(act, policy):
+    _, result, x = _converted(act, policy)
+    wide = result.model.eval().double()
+    lowered, rewritten = lower_linked.run(wide, (x.double(),))
+    assert rewritten == 3  # the depthwise conv, the project conv, the last linear
+    calls = [lowered.get_submodule(n.target) for n in lowered.graph.nodes if n.op == "call_module"]
+    assert not any(isinstance(m, LinkedActivation) for m in calls)  # no concatenated tensor left
+    with torch.no_grad():
+        expected, got = wide(x.double()), lowered(x.double())
+    assert (expected - got).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
+    assert any(m.lnc_twin_channels.numel() for m in result.model.modules() if hasattr(m, "lnc_twin_channels"))
+
+
+def test_lowering_leaves_the_model_and_its_trainable_twins_alone():
+    _, result, x = _converted("relu6")
+    before = {k: v.clone() for k, v in result.model.state_dict().items()}
+    lower_linked.run(result.model, (x,))
+    after = result.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sum(isinstance(m, LinkedActivation) for m in result.model.modules()) == 3
+
+
+@pytest.mark.parametrize("act", ["relu6", pytest.param("silu", marks=pytest.mark.slow),
+                                 pytest.param("prelu", marks=pytest.mark.slow)])
+def test_exported_depthwise_net_adds_no_layout_op_and_matches_in_ort(tmp_path, act):
+    model, result, x = _converted(act)
+    path = export_onnx(result, tmp_path / "m.onnx")
+    assert not added_layout_ops(path, model, (x,)), describe_layout_ops(added_layout_ops(path, model, (x,)))
+    assert layout_ops(path)["Concat"] == 0  # the unlowered export has one per linked activation
+    sess = session(path)
+    with torch.no_grad():
+        expected = result.model.eval()(x)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - expected.numpy()).max() <= 1e-5 * max(1.0, float(expected.abs().max()))
+
+
+def test_compacted_model_lowers_exactly(tmp_path):
+    model, x = prepared(DepthwiseBlock(nn.ReLU), shape=(2, 3, 8, 8))
+    result = lnconvert.convert(model, example_inputs=x)
+    _train_twins(result.model)  # trained twins survive the exact stage; the budget keeps some of them
+    small = compact(result, target_macs="1.5x")
+    assert any(getattr(m, "subset", False) for m in small.model.modules())
+    wide = small.model.eval().double()
+    lowered, rewritten = lower_linked.run(wide, (x.double(),))
+    assert rewritten >= 1
+    with torch.no_grad():
+        expected, got = wide(x.double()), lowered(x.double())
+    assert (expected - got).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
+
+
+def test_describe_layout_ops_names_each_op():
+    from collections import Counter
+
+    assert describe_layout_ops(Counter()) == "+0"
+    assert describe_layout_ops(Counter({"Concat": 2, "Slice": 1})) == "+3 (Concat 2, Slice 1)"
