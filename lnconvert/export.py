@@ -74,8 +74,12 @@ def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Seque
         with atomic_path(path) as tmp, eval_mode(model), torch.no_grad():
             if lower and _has_linked(model):
                 model, props["lowered_consumers"] = lower_linked.run(model, args)
-            exporter = _export(model, args, tmp, opset, dynamic_batch)
-            proto = onnx.load(tmp)
+            # the raw export goes to a private folder: the exporter may write its weights to a
+            # side file (external data) that must not be left beside the user's output
+            with tempfile.TemporaryDirectory(prefix="lnconvert-export-") as raw_dir:
+                raw = str(Path(raw_dir) / "model.onnx")
+                exporter = _export(model, args, raw, opset, dynamic_batch)
+                proto = onnx.load(raw)
             onnx.checker.check_model(proto, full_check=True)
             props["exporter"] = exporter
             del proto.metadata_props[:]
