@@ -1,4 +1,6 @@
-"""Recipe outputs: metrics JSON, PNG plots (matplotlib Agg), rich tables and progress."""
+"""Recipe outputs: metrics JSON, PNG plots (matplotlib Agg), rich tables and progress.
+
+In a multi-process run only rank 0 writes files (the other ranks hold the same results)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +13,7 @@ from rich.table import Table
 
 from ..analysis import DeadUnits
 from ..io import atomic_path
+from .distributed import is_main
 
 
 def progress_bar(console: Console) -> Progress:
@@ -20,6 +23,8 @@ def progress_bar(console: Console) -> Progress:
 
 
 def write_json(path: Path, data: Any) -> None:
+    if not is_main():
+        return
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2, default=str))
 
@@ -113,7 +118,8 @@ def plot_depth(histories: dict[str, dict[str, Any]], dead: dict[str, list[DeadUn
 
 
 def _save(plt: Any, fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    if is_main():
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
