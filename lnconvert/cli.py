@@ -437,11 +437,10 @@ def recipe_run(
         from .recipes import distributed  # under torchrun: one message for the run, every rank non-zero
 
         exc = distributed.explain(exc)
-        if not distributed.first_to_fail():
-            if debug:
-                traceback.print_exc()
-            raise typer.Exit(getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1))
-        _fail(exc, debug, distributed.where())
+        distributed.report_once(lambda: _fail(exc, debug, distributed.where()))
+        if debug:  # another rank reported the run's failure
+            traceback.print_exc()
+        raise typer.Exit(getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1))
 
 
 def main() -> None:

@@ -8,18 +8,21 @@ so that a recipe computes the same thing on any number of processes:
   the rows of each (:func:`batch_part`); DDP averages the gradients. Each rank's mean loss is
   weighted by its share, so the averaged gradient is the global batch mean even when the
   batch does not divide evenly. A global batch equal to the world size is one sample per rank.
-- Only rank 0 writes: checkpoints, metrics, plots, models (:func:`is_main`). Resuming, rank 0
+- Only rank 0 writes: checkpoints, metrics, plots, models (:func:`is_main`, :func:`main_only`). Resuming, rank 0
   reads the checkpoint and broadcasts it (:func:`from_main`): every rank continues from the
   same state without needing a shared file system.
 - A failure on one rank ends every rank with a non-zero exit; the first rank to fail prints the
-  one message (:func:`first_to_fail`), a lost peer reads as :class:`DistributedError`.
+  one message (:func:`report_once`), a lost peer reads as :class:`DistributedError`.
 
 A pipeline opts in with :func:`data_parallel`; :func:`lnconvert.recipes.run_recipe` refuses
 to run other pipelines on more than one process.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
@@ -66,6 +69,14 @@ def current() -> Context:
 def is_main() -> bool:
     """True on the process that writes outputs (rank 0; the only process of a plain run)."""
     return _context.is_main
+
+
+def main_only(function: F) -> F:
+    """``function`` runs on rank 0 only (returning None elsewhere): for functions that write files."""
+    @functools.wraps(function)
+    def on_main(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs) if _context.is_main else None
+    return on_main  # type: ignore[return-value]
 
 
 def describe() -> dict[str, Any]:
@@ -228,20 +239,39 @@ def explain(exc: BaseException) -> BaseException:
     return DistributedError(f"{why}; checkpoints written so far are intact: run the same command again to resume")
 
 
-def first_to_fail() -> bool:
-    """Count this rank's failure in the run's store; True if it is the first (that rank reports).
+def report_once(report: Callable[[], None]) -> bool:
+    """Call ``report`` (print the error) on the first rank of the run to fail only; True there.
 
-    When the store cannot be reached (its host process is gone), say True: a duplicate message
-    is better than none.
+    Failures are counted in the run's key-value store: torchrun's agent hosts it, so it outlives
+    every rank. When rank 0 hosts it (ranks started by hand), rank 0 first leaves the process
+    group, so that ranks blocked in a collective with it fail now, and waits a few seconds for
+    them to count themselves before its exit takes the store away. A rank that cannot reach
+    the store reports: a second message is better than none.
     """
     if not _context.active:
+        report()
         return True
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=5))
-        return store.add(FAILURES_KEY, 1) == 1
+        first = store.add(FAILURES_KEY, 1) == 1
     except Exception:  # noqa: BLE001 - any store failure means: report here
-        return True
+        store, first = None, True
+    try:
+        if first:
+            report()
+    finally:
+        if store is not None and _context.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            _wait_for_peers(store)
+    return first
+
+
+def _wait_for_peers(store: Any, seconds: float = 5.0) -> None:
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+        deadline = time.monotonic() + seconds
+        while store.add(FAILURES_KEY, 0) < _context.world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def where() -> str:
@@ -250,4 +280,4 @@ def where() -> str:
 
 
 __all__ = ["Context", "average", "backend_for", "batch_part", "current", "data_parallel", "describe", "explain",
-           "finish", "first_to_fail", "from_main", "init_from_env", "is_main", "sync_from_main", "where", "wrap"]
+           "finish", "from_main", "init_from_env", "is_main", "main_only", "report_once", "sync_from_main", "where", "wrap"]

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..analysis import DeadUnits
 from ..io import atomic_path
-from .distributed import is_main
+from .distributed import main_only
 
 
 def progress_bar(console: Console) -> Progress:
@@ -22,9 +22,8 @@ def progress_bar(console: Console) -> Progress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
+@main_only
 def write_json(path: Path, data: Any) -> None:
-    if not is_main():
-        return
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2, default=str))
 
@@ -70,6 +69,7 @@ def _smooth(values: list[float], points: int = 200) -> tuple[list[float], list[f
     return xs, ys
 
 
+@main_only
 def plot_curves(histories: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     """Training loss per step (window-averaged, x = samples seen) and test accuracy per epoch."""
     plt, fig, (loss_ax, acc_ax) = _figure(2)
@@ -86,6 +86,7 @@ def plot_curves(histories: dict[str, dict[str, Any]], path: Path, title: str) ->
     _save(plt, fig, path)
 
 
+@main_only
 def plot_dead(dead: dict[str, list[DeadUnits]], path: Path, title: str, primary_of: Sequence[str] = ()) -> None:
     """Dead-unit fraction per activation layer for each model; for models named in
     ``primary_of`` also the primary half alone (what the original's units do)."""
@@ -100,6 +101,7 @@ def plot_dead(dead: dict[str, list[DeadUnits]], path: Path, title: str, primary_
     _save(plt, fig, path)
 
 
+@main_only
 def plot_depth(histories: dict[str, dict[str, Any]], dead: dict[str, list[DeadUnits]], path: Path, title: str) -> None:
     """Depth experiment, one figure: test accuracy per epoch and dead units per layer, per variant."""
     plt, fig, (acc_ax, dead_ax) = _figure(2)
@@ -118,8 +120,7 @@ def plot_depth(histories: dict[str, dict[str, Any]], dead: dict[str, list[DeadUn
 
 
 def _save(plt: Any, fig: Any, path: Path) -> None:
-    if is_main():
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
