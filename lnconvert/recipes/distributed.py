@@ -8,9 +8,9 @@ so that a recipe computes the same thing on any number of processes:
   the rows of each (:func:`batch_part`); DDP averages the gradients. Each rank's mean loss is
   weighted by its share, so the averaged gradient is the global batch mean even when the
   batch does not divide evenly. A global batch equal to the world size is one sample per rank.
-- Only rank 0 writes: checkpoints, metrics, plots, models (:func:`is_main`, :func:`main_only`). Resuming, rank 0
-  reads the checkpoint and broadcasts it (:func:`from_main`): every rank continues from the
-  same state without needing a shared file system.
+- Only rank 0 writes: checkpoints, metrics, plots, models (:func:`is_main`, :func:`main_only`).
+  Resuming, rank 0 reads the checkpoint and broadcasts it (:func:`from_main`): every rank
+  continues from the same state without needing a shared file system.
 - A failure on one rank ends every rank with a non-zero exit; the first rank to fail prints the
   one message (:func:`report_once`), a lost peer reads as :class:`DistributedError`.
 
@@ -280,4 +280,5 @@ def where() -> str:
 
 
 __all__ = ["Context", "average", "backend_for", "batch_part", "current", "data_parallel", "describe", "explain",
-           "finish", "from_main", "init_from_env", "is_main", "main_only", "report_once", "sync_from_main", "where", "wrap"]
+           "finish", "from_main", "init_from_env", "is_main", "main_only", "report_once", "sync_from_main", "where",
+           "wrap"]
