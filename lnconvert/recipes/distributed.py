@@ -167,8 +167,8 @@ def wrap(model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
     """``model`` in DistributedDataParallel when several processes run, else ``model`` itself.
 
     Construction broadcasts rank 0's parameters and buffers, so every rank starts equal.
-    Buffers are re-broadcast before each forward only for models with BatchNorm running
-    statistics (BN-free converted models have none worth the traffic). Converted models
+    Buffers are re-broadcast before each forward (``forward_sync_buffers``) only for models with
+    BatchNorm running statistics (BN-free converted models have none worth the traffic). Converted models
     (twin-split parameters, gates, compacted) use every parameter in every forward, so the
     default keeps DDP's cheaper ``find_unused_parameters=False``.
     """
@@ -176,7 +176,7 @@ def wrap(model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         return model
     device_ids = [_context.local_rank] if _context.backend == "nccl" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                               broadcast_buffers=_has_running_stats(model),
+                                               forward_sync_buffers=_has_running_stats(model),
                                                find_unused_parameters=find_unused_parameters)
 
 
