@@ -436,11 +436,11 @@ def recipe_run(
     except BaseException as exc:
         from .recipes import distributed  # under torchrun: one message for the run, every rank non-zero
 
-        exc = distributed.explain(exc)
-        distributed.report_once(lambda: _fail(exc, debug, distributed.where()))
+        failure = distributed.explain(exc)
+        distributed.report_once(lambda: _fail(failure, debug, distributed.where()))
         if debug:  # another rank reported the run's failure
             traceback.print_exc()
-        raise typer.Exit(getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1))
+        raise typer.Exit(getattr(failure, "exit_code", 130 if isinstance(failure, KeyboardInterrupt) else 1))
 
 
 def main() -> None:
