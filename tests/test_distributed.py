@@ -236,7 +236,9 @@ def _errors(tmp: Path, world_size: int = 2) -> list[str]:
 
 
 def test_killed_rank_ends_the_run_with_one_message_and_an_intact_checkpoint(tmp_path):
-    recipe, out = _tiny_recipe(tmp_path, epochs=6), tmp_path / "run"  # 16 steps per epoch
+    # 16 steps per epoch: enough left after the first checkpoint that a starved test process still kills mid-run
+    epochs = 16
+    recipe, out = _tiny_recipe(tmp_path, epochs), tmp_path / "run"
     checkpoint = out / "checkpoints" / "finetune-bs8.pt"
     procs = _start(_cli_rank(tmp_path, lambda rank: [str(recipe), "--out", str(out)]))
     try:
@@ -254,11 +256,11 @@ def test_killed_rank_ends_the_run_with_one_message_and_an_intact_checkpoint(tmp_
     assert "killed or crashed" in message and "(rank 0 of 2)" in message
 
     state = torch.load(checkpoint, weights_only=True)  # intact: loads, mid-run, nothing half-written left
-    assert 0 < state["step"] < 6 * 16 and (state["step"] % 10 == 0 or state["step"] % 16 == 0)
+    assert 0 < state["step"] < epochs * 16 and (state["step"] % 10 == 0 or state["step"] % 16 == 0)
     assert not list(checkpoint.parent.glob(".*"))
     metrics = run_recipe(recipe, out=out, console=QUIET)  # one process resumes the 2-process checkpoint
     resumed = metrics["histories"]["finetune bs8"]["step_loss"]
-    assert len(resumed) == 6 * 16 and resumed[:state["step"]] == state["history"]["step_loss"]
+    assert len(resumed) == epochs * 16 and resumed[:state["step"]] == state["history"]["step_loss"]
     assert metrics["world_size"] == 1 and metrics["backend"] is None
 
 
