@@ -34,18 +34,19 @@ app = typer.Typer(cls=DefaultToConvert, add_completion=False, no_args_is_help=Tr
                        "Exit codes: " + "; ".join(f"{k} {v}" for k, v in sorted(EXIT_CODES.items())))
 
 
-def _fail(exc: BaseException, debug: bool) -> None:
+def _fail(exc: BaseException, debug: bool, where: str = "") -> None:
+    """Print ``exc`` as one line (``where`` names the process of a multi-process run) and exit."""
     if debug:
         traceback.print_exc()
     if isinstance(exc, KeyboardInterrupt):
-        err.print("interrupted; no output was written")
+        err.print(f"interrupted{where}; no output was written")
         raise typer.Exit(130)
     if isinstance(exc, LnConvertError):
-        err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+        err.print(f"[red]error:[/red] {exc}{where}", soft_wrap=True, highlight=False)
         raise typer.Exit(exc.exit_code)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    err.print(f"[red]internal error:[/red] {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
-              soft_wrap=True, highlight=False)
+    err.print(f"[red]internal error:[/red] {type(exc).__name__}: {first}{where} (rerun with --debug for the "
+              f"traceback)", soft_wrap=True, highlight=False)
     raise typer.Exit(1)
 
 
@@ -469,7 +470,13 @@ def recipe_run(
     except (typer.Exit, click.exceptions.Exit):
         raise
     except BaseException as exc:
-        _fail(exc, debug)
+        from .recipes import distributed  # under torchrun: one message for the run, every rank non-zero
+
+        failure = distributed.explain(exc)
+        distributed.report_once(lambda: _fail(failure, debug, distributed.where()))
+        if debug:  # another rank reported the run's failure
+            traceback.print_exc()
+        raise typer.Exit(getattr(failure, "exit_code", 130 if isinstance(failure, KeyboardInterrupt) else 1))
 
 
 def main() -> None:

@@ -52,6 +52,12 @@ class UnsupportedModelError(LnConvertError):
     exit_code = 7
 
 
+class DistributedError(LnConvertError):
+    """A multi-process (torchrun) run lost a process or could not join its process group."""
+
+    exit_code = 8
+
+
 EXIT_CODES = {
     0: "success: converted and (if asked) verified",
     1: "internal error (a bug: rerun with --debug and report it)",
@@ -61,6 +67,7 @@ EXIT_CODES = {
     ParityError.exit_code: "verification failed: outputs differ beyond tolerance",
     OutputError.exit_code: "output path exists (use --force), is a directory or unwritable",
     UnsupportedModelError.exit_code: "the model has something lnconvert refuses to convert",
+    DistributedError.exit_code: "a process of a multi-process (torchrun) run was lost or could not join",
     130: "interrupted (Ctrl-C); no partial output is left",
 }
 

@@ -42,10 +42,14 @@ def run_recipe(source: str | Path | dict, *, out: str | Path | None = None, over
     _require("yaml", "matplotlib", "sklearn")
     import yaml
 
+    from . import distributed
     from .depth import depth
     from .pipelines import convert_finetune
     from .transfer import transfer
 
+    context = distributed.init_from_env()  # under torchrun: join the other ranks first
+    if not context.is_main:
+        console = Console(quiet=True)  # rank 0 speaks for the run
     config = load_recipe(source, overrides)
     if weights is not None:
         config["model"]["weights"] = weights
@@ -56,7 +60,21 @@ def run_recipe(source: str | Path | dict, *, out: str | Path | None = None, over
             raise RecipeError(f"--jobs applies to recipes with independent runs (depth, transfer), "
                               f"not {config['recipe']!r}")
         config["jobs"] = jobs
+    pipeline = {"convert-finetune": convert_finetune, "depth": depth, "transfer": transfer}[config["recipe"]]
+    if context.active and not getattr(pipeline, "data_parallel", False):
+        raise RecipeError(f"recipe kind {config['recipe']!r} runs in one process only; start it without torchrun")
     out = Path(out) if out is not None else Path("runs") / config["name"]
+    # only rank 0 writes (the others need no run directory: they may be on another machine); its
+    # error, if any, is raised on every rank
+    distributed.from_main(lambda: _prepare_run_directory(out, yaml.safe_dump(config, sort_keys=False)))
+    if config["threads"]:
+        torch.set_num_threads(int(config["threads"]))
+    metrics = pipeline(config, out, resume, console or Console())
+    distributed.finish()
+    return metrics
+
+
+def _prepare_run_directory(out: Path, resolved_recipe: str) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"run directory {out} exists and is not a directory")
     try:
@@ -64,11 +82,7 @@ def run_recipe(source: str | Path | dict, *, out: str | Path | None = None, over
     except OSError as exc:
         raise OutputError(f"cannot create run directory {out}: {exc.strerror or exc}") from None
     with atomic_path(out / "recipe.yaml") as tmp:  # the resolved recipe, for reproducing the run
-        Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False))
-    if config["threads"]:
-        torch.set_num_threads(int(config["threads"]))
-    pipeline = {"convert-finetune": convert_finetune, "depth": depth, "transfer": transfer}[config["recipe"]]
-    return pipeline(config, out, resume, console or Console())
+        Path(tmp).write_text(resolved_recipe)
 
 
 # bounds on the architecture a saved recipe spec may ask for (it is built before any weight is read)

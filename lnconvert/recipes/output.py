@@ -1,4 +1,6 @@
-"""Recipe outputs: metrics JSON, PNG plots (matplotlib Agg), rich tables and progress."""
+"""Recipe outputs: metrics JSON, PNG plots (matplotlib Agg), rich tables and progress.
+
+In a multi-process run only rank 0 writes files (the other ranks hold the same results)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +13,7 @@ from rich.table import Table
 
 from ..analysis import DeadUnits
 from ..io import atomic_path
+from .distributed import main_only
 
 
 def progress_bar(console: Console) -> Progress:
@@ -51,6 +54,7 @@ def run_tasks(tasks: Sequence[tuple], jobs: int, call: Callable[..., tuple], don
                 running.add(pool.submit(function, *args))
 
 
+@main_only
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2, default=str))
@@ -97,6 +101,7 @@ def _smooth(values: list[float], points: int = 200) -> tuple[list[float], list[f
     return xs, ys
 
 
+@main_only
 def plot_curves(histories: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     """Training loss per step (window-averaged, x = samples seen) and test accuracy per epoch."""
     plt, fig, (loss_ax, acc_ax) = _figure(2)
@@ -113,6 +118,7 @@ def plot_curves(histories: dict[str, dict[str, Any]], path: Path, title: str) ->
     _save(plt, fig, path)
 
 
+@main_only
 def plot_dead(dead: dict[str, list[DeadUnits]], path: Path, title: str, primary_of: Sequence[str] = ()) -> None:
     """Dead-unit fraction per activation layer for each model; for models named in
     ``primary_of`` also the primary half alone (what the original's units do)."""
@@ -135,6 +141,7 @@ def plot_bands(ax: Any, xs: Sequence[float], curves: Sequence[Sequence[float]], 
     ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color=line.get_color(), alpha=0.2)
 
 
+@main_only
 def plot_depth(runs: list[dict[str, Any]], path: Path, title: str, threshold: float) -> None:
     """Depth experiment, one figure: test accuracy per epoch per variant (mean over seeds, band
     min..max) and the final accuracy of every seed."""

@@ -17,6 +17,7 @@ from ..errors import ParityError
 from ..finetune import merge_twins, param_groups
 from ..io import save_with_spec, spec_for
 from ..models import load_model, load_weights
+from . import distributed
 from .config import RecipeError, fingerprint
 from .data import Data, build_data
 from .nets import DigitsResNet
@@ -111,6 +112,7 @@ def _compact_stage(result: ConversionResult, tuned: nn.Module, data: Data,
 
 
 # --- convert, then fine-tune BN-free -----------------------------------------------------
+@distributed.data_parallel
 def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> dict[str, Any]:
     """Train (optionally) a BN model, convert it with BN dropped, prove test accuracy is
     unchanged, fine-tune the BN-free model at each configured batch size, time train steps."""
@@ -172,7 +174,7 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
             if cfg["compact"] is not None and final is not converted else []
 
     timing = None
-    if cfg["timing"] is not None:
+    if cfg["timing"] is not None and distributed.is_main():  # alone: other ranks' work would skew it
         t = cfg["timing"]
         n = min(t["batch_size"], len(data.train))
         x = torch.stack([data.train[i][0] for i in range(n)])
@@ -185,7 +187,7 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
 
     files = {"metrics": "metrics.json", "curves": "curves.png", "dead_units": "dead_units.png",
              "conversion_report": "conversion-report.json"}
-    if cfg["save_model"]:
+    if cfg["save_model"] and distributed.is_main():
         path = out / f"{cfg['name']}-linked.safetensors"
         renamed = mcfg["name"] == BUILTIN or mcfg["num_classes"] is not None  # not rebuildable by name alone
         spec = spec_for(None if renamed else mcfg["name"], mcfg["weights"], result.report.options,
@@ -217,6 +219,7 @@ def convert_finetune(cfg: dict[str, Any], out: Path, resume: bool, console: Cons
         "dead_units": {label: {"overall": overall_dead(rows), "layers": dead_rows(rows)}
                        for label, rows in dead.items()},
         "histories": histories, "files": files, "seconds": time.perf_counter() - started,
+        **distributed.describe(),
     }
     write_json(out / "metrics.json", metrics)
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..io import atomic_path
+from . import distributed
 from .config import RecipeError
 
 
@@ -22,18 +23,21 @@ def autocast(amp: str) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
 
 
-def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, start: int = 0
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, start: int = 0,
+                  rows: slice = slice(None)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of one epoch in a shuffled order fixed by (seed, epoch), from batch ``start``
-    on, incomplete last batch dropped: a resumed run sees exactly the batches it missed."""
+    on, incomplete last batch dropped: a resumed run sees exactly the batches it missed.
+
+    ``rows`` picks this process's rows of every batch (:func:`distributed.batch_part`); only
+    those samples are loaded."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     order = order[: len(dataset) // batch_size * batch_size][start * batch_size:]
+    batches = [idx[rows] for idx in order.split(batch_size)]
     if isinstance(dataset, TensorDataset):  # in memory: index directly, no per-sample calls
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+        for idx in batches:
             yield dataset.tensors[0][idx], dataset.tensors[1][idx]
     else:
-        yield from DataLoader(dataset, batch_size=batch_size, sampler=order.tolist())
+        yield from DataLoader(dataset, batch_sampler=[idx.tolist() for idx in batches])
 
 
 def ordered_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -93,25 +97,30 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Dataset, *, b
     Checkpoints (model, optimiser, step, history) are written atomically every
     ``checkpoint_every`` steps and at the end; with ``resume`` an existing checkpoint of the
     same ``fingerprint`` continues where it stopped (a finished one only restores).
+
+    Under torchrun (:mod:`.distributed`) ``batch_size`` is the global batch: each rank trains
+    on its rows of every batch in DistributedDataParallel, rank 0 reads and writes the
+    checkpoint, and the step losses are those of the global batch.
     """
     per_epoch, total = total_steps(train, batch_size, epochs, max_steps)
     history: dict[str, Any] = {"step_loss": [], "epochs": [], "seconds": 0.0, "steps": total,
                                "batch_size": batch_size}
     step = 0
-    if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            raise RecipeError(f"{checkpoint} was written by a different recipe configuration; "
-                              f"rerun with --fresh or another --out")
+    state = distributed.from_main(lambda: _read_checkpoint(checkpoint, fingerprint) if resume else None)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         # a row written where an earlier run stopped mid-epoch (max_steps) is redone at the real epoch end
         history["epochs"] = [r for r in history["epochs"] if r["step"] % per_epoch == 0 or r["step"] == total]
         history["steps"] = total
-    runner = torch.compile(model) if compile else model
+    trainer = distributed.wrap(model)
+    runner = torch.compile(trainer) if compile else trainer
+    rows, weight = distributed.batch_part(batch_size)
 
     def save() -> None:
+        if not distributed.is_main():
+            return
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(checkpoint) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -121,15 +130,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Dataset, *, b
     model.train()
     while step < total:
         epoch, offset = divmod(step, per_epoch)
-        for x, y in epoch_batches(train, batch_size, seed, epoch, offset):
+        for x, y in epoch_batches(train, batch_size, seed, epoch, offset, rows):
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             with autocast(amp):
                 loss = F.cross_entropy(runner(x).float(), y)
+            if weight != 1.0:  # uneven shares of the global batch (see distributed.batch_part)
+                loss = loss * weight
             loss.backward()
             optimizer.step()
+            value = float(distributed.average(loss.detach()))
             history["seconds"] += time.perf_counter() - start
-            value = float(loss.detach())
             history["step_loss"].append(value)
             step += 1
             if task is not None:
@@ -147,7 +158,18 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Dataset, *, b
                 break
     if task is not None:
         progress.update(task, completed=total)
+    distributed.sync_from_main(model)
     return history
+
+
+def _read_checkpoint(checkpoint: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not checkpoint.is_file():
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        raise RecipeError(f"{checkpoint} was written by a different recipe configuration; "
+                          f"rerun with --fresh or another --out")
+    return state
 
 
 def time_train_steps(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int = 10,

@@ -1,0 +1,314 @@
+"""Data-parallel recipes (torchrun / DDP, gloo on 127.0.0.1): two processes compute what one
+computes with the same global batch, for twin-split, gated-residual and compacted models;
+a lost or failing rank ends the run with one message and an intact checkpoint.
+
+Ranks are forked from the test process (no second torch import: seconds, not minutes) and
+joined with timeouts; the torchrun command itself is exercised by a slow test."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import TensorDataset
+
+import lnconvert
+from lnconvert.cli import app
+from lnconvert.finetune import merge_twins, param_groups
+from lnconvert.recipes import distributed, run_recipe
+from lnconvert.recipes.nets import DigitsResNet
+from lnconvert.recipes.train import fit, make_optimizer
+from lnconvert.testing import randomize_batchnorm
+
+from .test_recipes import QUIET, RECIPES, REDUCED_DIGITS
+
+# imported once here so that forked ranks inherit them instead of importing them each (slow)
+pytest.importorskip("sklearn.datasets")
+pytest.importorskip("matplotlib.pyplot")
+
+REL = 1e-5  # float32: per-rank partial sums reduce in another order than one batch's sum
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, target: Callable[[int], None]) -> None:
+    """Body of a forked rank: torchrun's environment, then ``target``; exits with its code."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        target(rank)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - shown in the test output, exit non-zero
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _start(target: Callable[[int], None], world_size: int = 2) -> list:
+    ctx = torch.multiprocessing.get_context("fork")  # ranks share the parent's imports and models
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, target)) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _join(procs: list, timeout: float) -> list[int | None]:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():  # never leave a rank behind, whatever the test concludes
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = float(b.abs().max())
+    return float((a - b).abs().max()) / scale if scale > 0 else float((a - b).abs().max())
+
+
+# --- equivalence: two processes vs one -------------------------------------------------------
+def _converted(residual: str) -> lnconvert.ConversionResult:
+    torch.manual_seed(0)
+    net = DigitsResNet(1, 10, [4, 8]).eval()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    randomize_batchnorm(net, x, seed=1)
+    return lnconvert.convert(net, example_inputs=x[:4], residual=residual)
+
+
+def _compacted() -> torch.nn.Module:
+    """A converted model whose twins were trained a little, then compacted to 1.2x the MACs."""
+    result = _converted("slice")
+    tuned = result.model
+    opt = torch.optim.Adam(param_groups(tuned, base_lr=1e-2, twin_lr=1e-2))
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(tuned(x), y).backward()
+        opt.step()
+    result.model = merge_twins(tuned)
+    return lnconvert.compact(result, data=[x], target_macs="1.2x").model
+
+
+# name: (model, global batch, epochs, max_steps, steps already done by one process before)
+CASES = {
+    "twin-split": ("slice", 8, 1, None, 0),
+    "uneven-batch": ("slice", 5, 1, None, 0),      # rows 3 + 2: weighted mean losses
+    "one-sample-batch": ("slice", 1, 1, 3, 0),     # rank 1 idle: weight 0
+    "gated-residual": ("gate", 8, 1, None, 0),
+    "compacted": ("compacted", 8, 1, None, 0),
+    "resumed": ("slice", 8, 2, None, 2),           # 2 ranks continue a 1-process checkpoint
+}
+
+
+def _train(model: torch.nn.Module, case: str, checkpoint: Path, max_steps: int | None = None) -> dict:
+    _, batch, epochs, steps, _ = CASES[case]
+    data = TensorDataset(torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(2)),
+                         torch.randint(0, 10, (24,), generator=torch.Generator().manual_seed(3)))
+    opt = make_optimizer("adam", param_groups(model, base_lr=1e-2, twin_lr=3e-2), 1e-2)
+    return fit(model, opt, data, batch_size=batch, epochs=epochs, seed=0, checkpoint=checkpoint, fingerprint=case,
+               max_steps=max_steps or steps, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def two_and_one(tmp_path_factory):
+    """Every case trained by 2 forked ranks (their weights and histories) and by this process."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    models = {"slice": _converted("slice").model, "gate": _converted("gate").model, "compacted": _compacted()}
+    for case, (kind, *_, done) in CASES.items():
+        if done:  # the checkpoint a single process left after `done` steps
+            _train(copy.deepcopy(models[kind]), case, tmp / f"{case}.pt", max_steps=done)
+
+    def ranks(rank: int) -> None:
+        distributed.init_from_env()
+        for case, (kind, *_rest) in CASES.items():
+            model = copy.deepcopy(models[kind])
+            history = _train(model, case, tmp / f"{case}.pt")
+            torch.save({"state": model.state_dict(), "history": history, **distributed.describe(),
+                        "rows": distributed.batch_part(CASES[case][1])[0]}, tmp / f"{case}-rank{rank}.pt")
+        distributed.finish()
+
+    codes = _join(_start(ranks), timeout=300)
+    assert codes == [0, 0]
+    single = {}
+    for case, (kind, *_rest) in CASES.items():
+        model = copy.deepcopy(models[kind])
+        history = _train(model, case, tmp / f"{case}-single.pt")
+        single[case] = (model.state_dict(), history)
+    return tmp, single
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_train_the_same_weights_as_one(two_and_one, case):
+    tmp, single = two_and_one
+    reference, reference_history = single[case]
+    for rank, rows in ((0, {8: slice(0, 4), 5: slice(0, 3), 1: slice(0, 1)}), (1, {8: slice(4, 8), 5: slice(3, 5),
+                                                                                    1: slice(0, 1)})):
+        got = torch.load(tmp / f"{case}-rank{rank}.pt", weights_only=False)
+        assert (got["world_size"], got["backend"]) == (2, "gloo")
+        assert got["rows"] == rows[CASES[case][1]]  # each rank trained on its own rows only
+        assert got["state"].keys() == reference.keys()
+        for name, value in reference.items():
+            if value.is_floating_point():
+                assert _relative_error(got["state"][name], value) < REL, (case, rank, name)
+        losses, expected = got["history"]["step_loss"], reference_history["step_loss"]
+        assert len(losses) == len(expected) == reference_history["steps"]
+        assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected)) < REL
+    # rank 0 wrote the checkpoint alone, with the final weights; no temp files are left
+    saved = torch.load(tmp / f"{case}.pt", weights_only=True)
+    assert saved["step"] == reference_history["steps"]
+    for name, value in reference.items():
+        if value.is_floating_point():
+            assert _relative_error(saved["model"][name], value) < REL
+
+
+def test_weights_moved_so_equivalence_is_not_trivial(two_and_one):
+    tmp, single = two_and_one
+    start = _converted("slice").model
+    param_groups(start, base_lr=1.0, twin_lr=1.0)  # same parameter names as the trained models
+    trained = single["twin-split"][0]
+    moved = max(_relative_error(trained[k], v) for k, v in start.state_dict().items() if v.is_floating_point())
+    assert moved > 100 * REL
+    assert not list(tmp.glob(".*.tmp*"))
+
+
+def test_batch_part_weights_sum_to_one_global_mean(monkeypatch):
+    for world_size in (1, 2, 3, 4):
+        for batch in (1, 2, 5, 8, 9):
+            parts = []
+            for rank in range(world_size):
+                monkeypatch.setattr(distributed, "_context", distributed.Context(rank, world_size))
+                parts.append(distributed.batch_part(batch))
+            covered = [i for rows, weight in parts if weight > 0 for i in range(batch)[rows]]
+            assert covered == list(range(batch))  # every row once, in order
+            # mean over ranks of weight x (mean loss of its rows) = mean over the batch (losses all 1 here)
+            assert abs(sum(weight for _, weight in parts) / world_size - 1.0) < 1e-12
+
+
+# --- failures: a lost rank, a failing rank, an error every rank raises -------------------------
+def _tiny_recipe(tmp: Path, epochs: int) -> Path:
+    recipe = {"recipe": "convert-finetune", "name": "tiny", "threads": 1, "checkpoint_every": 10,
+              "data": {"size": 8, "max_train": 128, "max_test": 32},
+              "model": {"widths": [4]}, "dead_units": {"max_batches": 1},
+              "finetune": [{"batch_size": 8, "epochs": epochs, "lr": 0.001}],
+              "timing": None, "compact": None, "save_model": False}
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _cli_rank(tmp: Path, args_of: Callable[[int], list[str]]) -> Callable[[int], None]:
+    """A rank that runs ``lnconvert recipe run ...``, its stderr in ``tmp/rankN.err``."""
+    def run(rank: int) -> None:
+        sys.stdout = open(os.devnull, "w")
+        sys.stderr = open(tmp / f"rank{rank}.err", "w", buffering=1)
+        app(["recipe", "run", *args_of(rank)])
+    return run
+
+
+def _errors(tmp: Path, world_size: int = 2) -> list[str]:
+    text = "".join((tmp / f"rank{r}.err").read_text() for r in range(world_size))
+    assert "Traceback" not in text, text
+    return [line for line in text.splitlines() if line.startswith(("error", "internal error"))]
+
+
+def test_killed_rank_ends_the_run_with_one_message_and_an_intact_checkpoint(tmp_path):
+    # 16 steps per epoch: enough left after the first checkpoint that a starved test process still kills mid-run
+    epochs = 16
+    recipe, out = _tiny_recipe(tmp_path, epochs), tmp_path / "run"
+    checkpoint = out / "checkpoints" / "finetune-bs8.pt"
+    procs = _start(_cli_rank(tmp_path, lambda rank: [str(recipe), "--out", str(out)]))
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists() and time.monotonic() < deadline and all(p.is_alive() for p in procs):
+            time.sleep(0.02)
+        assert checkpoint.exists() and all(p.is_alive() for p in procs), "no checkpoint before the kill"
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+    finally:
+        codes = _join(procs, timeout=120)
+    assert time.monotonic() - killed < 60  # rank 0 noticed and left, bounded by the timeouts
+    assert codes == [lnconvert.errors.DistributedError.exit_code, -signal.SIGKILL]
+    (message,) = _errors(tmp_path)
+    assert "killed or crashed" in message and "(rank 0 of 2)" in message
+
+    state = torch.load(checkpoint, weights_only=True)  # intact: loads, mid-run, nothing half-written left
+    assert 0 < state["step"] < epochs * 16 and (state["step"] % 10 == 0 or state["step"] % 16 == 0)
+    assert not list(checkpoint.parent.glob(".*"))
+    metrics = run_recipe(recipe, out=out, console=QUIET)  # one process resumes the 2-process checkpoint
+    resumed = metrics["histories"]["finetune bs8"]["step_loss"]
+    assert len(resumed) == epochs * 16 and resumed[:state["step"]] == state["history"]["step_loss"]
+    assert metrics["world_size"] == 1 and metrics["backend"] is None
+
+
+def test_error_on_one_rank_ends_all_ranks_with_its_message(tmp_path):
+    recipe = _tiny_recipe(tmp_path, epochs=1)
+    procs = _start(_cli_rank(tmp_path, lambda rank: [str(recipe if rank == 0 else tmp_path / "missing.yaml"),
+                                                     "--out", str(tmp_path / "run")]))
+    codes = _join(procs, timeout=120)
+    assert codes[1] == 2 and codes[0] not in (0, None)
+    (message,) = _errors(tmp_path)
+    assert message.startswith("error: recipe not found") and message.endswith("(rank 1 of 2)")
+
+
+def test_error_every_rank_raises_is_reported_once(tmp_path):
+    recipe, out = _tiny_recipe(tmp_path, epochs=1), tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"fingerprint": "another configuration"}, out / "checkpoints" / "finetune-bs8.pt")
+    codes = _join(_start(_cli_rank(tmp_path, lambda rank: [str(recipe), "--out", str(out)])), timeout=120)
+    assert codes == [2, 2]
+    (message,) = _errors(tmp_path)
+    assert "written by a different recipe configuration" in message
+
+
+def test_single_process_pipelines_refuse_several_processes(tmp_path):
+    args = [str(RECIPES / "depth50-digits.yaml"), "--out", str(tmp_path / "run")]
+    codes = _join(_start(_cli_rank(tmp_path, lambda rank: args)), timeout=120)
+    assert codes == [2, 2]
+    (message,) = _errors(tmp_path)
+    assert "runs in one process only" in message
+
+
+def test_python_dash_m_lnconvert(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lnconvert", "recipe", "run", str(tmp_path / "none.yaml")])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("lnconvert", run_name="__main__")  # what `python -m lnconvert` runs
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith("error: recipe not found")
+
+
+# --- the torchrun command itself ---------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_runs_the_digits_recipe_on_two_processes(tmp_path):  # ~1 min on 2 shared cores
+    sets = [a for s in REDUCED_DIGITS for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lnconvert", "recipe", "run", str(RECIPES / "digits-resnet.yaml"),
+                           "--out", str(tmp_path), *sets], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["backend"]) == (2, "gloo")
+    assert metrics["predictions_changed_by_conversion"] == 0
+    assert [r["batch_size"] for r in metrics["finetune"]] == [1, 32]
