@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .rules import is_frozen_batchnorm
+
 
 @torch.no_grad()
 def randomize_batchnorm(model: nn.Module, example: torch.Tensor, seed: int = 0) -> nn.Module:
@@ -42,4 +44,10 @@ def randomize_batchnorm(model: nn.Module, example: torch.Tensor, seed: int = 0) 
             noise = torch.randn(m.running_mean.shape, generator=generator, dtype=m.running_mean.dtype)
             m.running_mean.add_(noise * 0.1 * m.running_var.sqrt())
             m.running_var.mul_(uniform(m.running_var, 0.8, 1.25))
+    for m in model.modules():  # frozen BNs have no batch statistics to measure: near-identity values
+        if is_frozen_batchnorm(m):
+            m.weight.copy_(uniform(m.weight, 0.5, 1.5))
+            m.bias.copy_(torch.randn(m.bias.shape, generator=generator, dtype=m.bias.dtype) * 0.3)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator, dtype=m.running_mean.dtype) * 0.3)
+            m.running_var.copy_(uniform(m.running_var, 0.5, 2.0))
     return model

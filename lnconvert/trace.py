@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .rules import ACTIVATION_MODULES, _RULES
+from .rules import ACTIVATION_MODULES, _RULES, is_frozen_batchnorm
 
 
 def _timm_notrace() -> tuple[set[type], list[Any]]:
@@ -21,7 +21,7 @@ def _timm_notrace() -> tuple[set[type], list[Any]]:
 
 class ConvertTracer(fx.Tracer):
     """fx tracer that keeps timm's non-traceable layers, every module lnconvert has a rule
-    for, and user-named submodules as leaves, and remembers where tracing failed."""
+    for (frozen BatchNorms of any class too), and user-named submodules as leaves, and remembers where tracing failed."""
 
     def __init__(self, leaf_modules: Iterable[str] = ()):
         notrace_modules, notrace_functions = _timm_notrace()
@@ -31,7 +31,7 @@ class ConvertTracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in self.leaf_types or module_qualified_name in self.leaf_names:
+        if type(m) in self.leaf_types or module_qualified_name in self.leaf_names or is_frozen_batchnorm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

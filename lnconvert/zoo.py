@@ -180,8 +180,10 @@ def _count_batchnorm(model) -> int:
     import torch
 
     from .convert import remaining_batchnorm
+    from .rules import is_frozen_batchnorm
 
-    modules = {n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    modules = {n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or is_frozen_batchnorm(m)}
     functional = set(remaining_batchnorm(model)) if hasattr(model, "graph") else set()
     return len(modules | functional)
 
