@@ -9,6 +9,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
+from torch.ao.nn.quantized import FloatFunctional
 
 from . import __version__
 from .analysis import check_channels, count_macs, count_params, propagate_shapes, reads_input
@@ -49,7 +50,9 @@ def _check_supported(model: nn.Module) -> None:
     and Inf in parameters or BatchNorm statistics."""
     for name, module in model.named_modules():
         where = type(module).__module__
-        if where.startswith("torch.") and ".quantized" in where:
+        # FloatFunctional is the float stand-in of quantizable models (torchvision's quantized_*
+        # builders before quantization): plain torch.add / cat / mul, nothing quantized yet
+        if where.startswith("torch.") and ".quantized" in where and type(module) is not FloatFunctional:
             raise UnsupportedModelError(f"module '{name}' is quantized ({type(module).__name__}); "
                                         f"convert the floating-point model, then quantize the result")
     bn_stats = {f"{name}.{stat}".lstrip(".") for name, m in model.named_modules() if is_batchnorm(m)

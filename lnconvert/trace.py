@@ -89,7 +89,15 @@ def example_input_size(model: nn.Module, override: tuple[int, ...] | None = None
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, input_size: tuple[int, ...] | None = None,
-                           seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+                           seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Any, ...]:
+    """A random batch the model accepts: ``input_size`` (C, H, W; video C, T, H, W) or the
+    model's configured size; torchvision task models get their task's inputs (lnconvert.tasks:
+    a list of images for detection, two image batches for optical flow, a long enough clip)."""
+    from .tasks import example_inputs
+
+    task_inputs = example_inputs(model, batch, input_size, seed, dtype)
+    if task_inputs is not None:
+        return task_inputs
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, *example_input_size(model, input_size))
     return (torch.randn(shape, generator=generator, dtype=dtype),)
