@@ -152,6 +152,12 @@ def convert_cmd(
     tolerance: float = typer.Option(1e-5, help="Max relative error: max|delta| / max(1, max|y|)."),
     precision: str = typer.Option("float64", help="Verify in float64 (conversion error alone) or float32."),
     leaf: Optional[List[str]] = typer.Option(None, help="Submodule to keep opaque when tracing (repeatable)."),
+    partial: bool = typer.Option(False, "--partial", help="If the whole model cannot be traced (detection, optical "
+                                 "flow), convert each traceable submodule holding BatchNorm in place and verify "
+                                 "the whole model's outputs (needs --no-save)."),
+    submodule: Optional[List[str]] = typer.Option(None, "--submodule", help="Convert only this submodule in place, "
+                                                  "e.g. backbone (repeatable; needs --no-save); the whole model "
+                                                  "is verified."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
     calibrate: Optional[Path] = typer.Option(None, help="Inputs (a .pt or .npy file holding one tensor (N, C, ...)) "
                                              "to estimate running statistics for BatchNorm layers that have none "
@@ -173,6 +179,9 @@ def convert_cmd(
         ConvertOptions(drop_bn=drop_bn, policy=policy, residual=residual, activations=acts, tolerance=tolerance,
                        precision=precision, norm=norm, lcw=lcw)  # validate before the (slow) model load
         target = None
+        if (partial or submodule) and not no_save:
+            raise UsageError("a partially converted model cannot be saved yet; add --no-save (from Python: "
+                             "torch.save(result.model, PATH), a pickle of the whole model)")
         if not no_save:
             if save_format not in FORMATS:
                 raise UsageError(f"unknown --format {save_format!r}; choose one of: {', '.join(FORMATS)}")
@@ -192,7 +201,8 @@ def convert_cmd(
             try:
                 result = convert(net, drop_bn=drop_bn, link=link, policy=policy, activations=acts,
                                  residual=residual, example_inputs=inputs, verify=verify, leaf_modules=leaf or (),
-                                 tolerance=tolerance, precision=precision, name=model, norm=norm, lcw=lcw)
+                                 tolerance=tolerance, precision=precision, name=model, norm=norm, lcw=lcw,
+                                 partial=partial, submodules=submodule or None)
             except ParityError as exc:
                 if exc.report is not None:
                     print_report(exc.report, err)

@@ -13,7 +13,7 @@ from torch.ao.nn.quantized import FloatFunctional
 
 from . import __version__
 from .analysis import check_channels, count_macs, count_params, propagate_shapes, reads_input
-from .errors import ParityError, UnsupportedModelError, UsageError, one_line
+from .errors import ParityError, TraceError, UnsupportedModelError, UsageError, one_line
 from .options import ConvertOptions, PassContext
 from . import passes
 from .plan import plan_links
@@ -156,6 +156,8 @@ def convert(
     twins: dict[str, Sequence[int]] | None = None,
     norm: str = "fold",
     lcw: bool = False,
+    partial: bool = False,
+    submodules: Iterable[str] | None = None,
 ) -> ConversionResult:
     """Convert a trained model into a BatchNorm-free model with linked activations.
 
@@ -177,6 +179,11 @@ def convert(
     and keeps them there (Linearly Constrained Weights): this changes the function by
     design, so the model is verified *before* the projection, and the deviation it causes
     is reported (``report.lcw_deviation``, status ``changed``) instead of raising.
+
+    ``partial=True``: a model fx cannot trace as a whole (detection, optical flow) has each
+    maximal traceable submodule holding BatchNorm converted in place instead, and the whole
+    model verified (:mod:`lnconvert.partial`; ``report.parts`` lists what was converted and
+    what stayed, and why); ``submodules=["backbone", ...]`` converts exactly those.
     """
     options = ConvertOptions(drop_bn=drop_bn, link=link, policy=policy,
                              activations=tuple(activations) if activations is not None else None,
@@ -197,8 +204,22 @@ def convert(
     _check_inputs(inputs, "example inputs")
     ctx = PassContext(options, report, inputs)
 
-    with _timed(report, "trace"):
-        gm = trace(private_eval_copy(model), options.leaf_modules)
+    gm, why = None, ""
+    if submodules is None:
+        with _timed(report, "trace"):
+            try:
+                gm = trace(private_eval_copy(model), options.leaf_modules)
+            except TraceError as exc:
+                if not partial:
+                    raise
+                why = str(exc)
+    if gm is None:  # the named submodules, or the traceable parts of an untraceable model
+        from .partial import convert_partial
+
+        with _timed(report, "partial"):
+            return convert_partial(model, inputs, options, report, why=why, verify=verify,
+                                   submodules=None if submodules is None else list(submodules),
+                                   verify_inputs=[_as_tuple(x) for x in verify_inputs])
     with _timed(report, "analyse"):
         try:
             propagate_shapes(gm, inputs)

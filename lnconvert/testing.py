@@ -5,15 +5,17 @@ import torch
 from torch import nn
 
 from .rules import is_frozen_batchnorm
+from .tasks import task_of
 
 
 @torch.no_grad()
-def randomize_batchnorm(model: nn.Module, example: torch.Tensor, seed: int = 0) -> nn.Module:
+def randomize_batchnorm(model: nn.Module, example: torch.Tensor | tuple, seed: int = 0) -> nn.Module:
     """Give every BatchNorm realistic, non-trivial eval statistics, in place.
 
     Default statistics (mean 0, var 1, weight 1, bias 0) make folding trivially exact.
     Here affine weights and biases are drawn at random, running statistics are measured on
-    ``example`` (cumulative average, train mode) and then perturbed, so folding and affine
+    ``example`` (a batch, or a tuple of the model's arguments; cumulative average, train mode)
+    and then perturbed, so folding and affine
     conversion are exercised with values like a trained network's, and activations stay
     well scaled (no chaotic growth that float32 cannot compare).
     """
@@ -33,8 +35,10 @@ def randomize_batchnorm(model: nn.Module, example: torch.Tensor, seed: int = 0) 
         if m.track_running_stats:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the example
-    model.train()
-    model(example)
+    # detection models need targets in training mode: there only the BatchNorms train
+    for module in norms if task_of(model) == "detection" else model.modules():
+        module.train()
+    model(*(example if isinstance(example, tuple) else (example,)))
     for module, flag in flags:
         module.training = flag
     for m, momentum in saved:
