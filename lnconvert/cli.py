@@ -360,6 +360,11 @@ def list_cmd(pattern: str = typer.Argument("*", help="Glob pattern, e.g. 'resnet
 def zoo_cmd(
     models: Optional[List[str]] = typer.Argument(None, help="Model names (torchvision or timm, as for convert)."),
     torchvision: bool = typer.Option(False, "--torchvision", help="All torchvision classification models."),
+    torchvision_all: bool = typer.Option(False, "--torchvision-all", help="All torchvision builders of every task "
+                                         "(classification, segmentation, detection, video, optical_flow, "
+                                         "quantization); untraceable ones converted in parts."),
+    torchvision_task: Optional[List[str]] = typer.Option(None, "--torchvision-task", help="All torchvision "
+                                                         "builders of this task, e.g. detection (repeatable)."),
     timm_patterns: Optional[List[str]] = typer.Option(None, "--timm", help="timm models matching this glob, "
                                                                           "e.g. 'resnet*' (repeatable)."),
     timm_families: bool = typer.Option(False, "--timm-families", help="The smallest model (by parameter count) "
@@ -397,9 +402,11 @@ def zoo_cmd(
         if threads < 1:
             raise UsageError(f"--threads must be at least 1, got {threads}")
         names = select_models(models or (), torchvision=torchvision, timm_patterns=timm_patterns or (),
-                              timm_smallest_per_family=timm_families)
+                              timm_smallest_per_family=timm_families,
+                              torchvision_task_list=(["all"] if torchvision_all else []) + list(torchvision_task or ()))
         if not names:
-            raise UsageError("no models selected: give names, --torchvision, --timm PATTERN or --timm-families")
+            raise UsageError("no models selected: give names, --torchvision, --torchvision-all, --torchvision-task "
+                             "TASK, --timm PATTERN or --timm-families")
         options = ZooOptions(drop_bn=drop_bn, policy=policy, residual=residual, input_size=input_size, onnx=onnx,
                              timeout=timeout, memory_gb=memory_gb, threads=threads)
         rows = run_zoo(names, options, out=out_prefix, jobs=jobs, rerun=rerun, console=err)
