@@ -184,6 +184,9 @@ def convert(
     maximal traceable submodule holding BatchNorm converted in place instead, and the whole
     model verified (:mod:`lnconvert.partial`; ``report.parts`` lists what was converted and
     what stayed, and why); ``submodules=["backbone", ...]`` converts exactly those.
+    With ``partial=True`` a traceable model whose BatchNorms sit inside opaque leaves (timm's
+    non-traceable layers) has each such leaf converted on its own first; the converted leaves
+    stay leaves of the whole model's graph.
     """
     options = ConvertOptions(drop_bn=drop_bn, link=link, policy=policy,
                              activations=tuple(activations) if activations is not None else None,
@@ -220,6 +223,17 @@ def convert(
             return convert_partial(model, inputs, options, report, why=why, verify=verify,
                                    submodules=None if submodules is None else list(submodules),
                                    verify_inputs=[_as_tuple(x) for x in verify_inputs])
+    if partial:  # BN inside opaque leaves: convert each leaf on its own, then keep it a leaf
+        from .partial import convert_partial, opaque_parts
+
+        opaque = list(dict.fromkeys(opaque_parts(gm)))
+        if opaque:
+            with _timed(report, "partial"):
+                inner = convert_partial(model, inputs, options, report, submodules=opaque, verify=verify,
+                                        whole=False).model
+            converted = tuple(p["module"] for p in report.parts if p["action"] == "converted")
+            with _timed(report, "trace"):
+                gm = trace(private_eval_copy(inner), options.leaf_modules + converted)
     with _timed(report, "analyse"):
         try:
             propagate_shapes(gm, inputs)

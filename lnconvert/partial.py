@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils._pytree import tree_map
 
 from .analysis import count_params
@@ -54,9 +55,12 @@ def capture_calls(model: nn.Module, inputs: tuple[Any, ...], names: Iterable[str
 def _swap(root: nn.Module, name: str, converted: nn.Module, original: nn.Module) -> None:
     """Put ``converted`` where ``name`` was, keeping the original's plain attributes
     (``out_channels``, ``hidden_state_size``...) that the code around it may read."""
-    for key, value in vars(original).items():
-        if not key.startswith("_") and key != "training" and not hasattr(converted, key):
-            setattr(converted, key, value)
+    kept = {key: value for key, value in vars(original).items()
+            if not key.startswith("_") and key != "training" and not hasattr(converted, key)}
+    for key, value in kept.items():
+        setattr(converted, key, value)
+    if isinstance(converted, fx.GraphModule):  # a GraphModule's deepcopy keeps only attributes listed here
+        converted.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(kept)
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent), child, converted)
 
@@ -84,13 +88,15 @@ def _part_options(options: ConvertOptions, prefix: str) -> dict[str, Any]:
 
 def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertOptions, report: ConversionReport,
                     *, submodules: Sequence[str] | None = None, why: str = "", verify: bool = True,
-                    verify_inputs: Sequence[tuple[Any, ...]] = ()):
+                    verify_inputs: Sequence[tuple[Any, ...]] = (), whole: bool = True):
     """Convert the maximal traceable submodules of ``model`` that hold BatchNorm (or exactly
     ``submodules``), in place of a private copy, and verify the whole model.
 
     Search: top down, a module holding BN is converted if it traces, else its children are
     tried. A module that holds BN but cannot be converted stays as it is, with the reason in
     ``report.parts``. Preserves: the whole model's outputs (verified, ``options.tolerance``).
+    ``whole=False``: only the parts, each verified on its own; the caller converts the rest
+    (timm's non-traceable leaves inside a traceable model) and verifies the whole.
     """
     from .convert import ConversionResult, convert  # convert.py calls this module
     from .trace import private_eval_copy
@@ -104,7 +110,7 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
             raise UsageError(f"no submodule {missing[0]!r} in {type(model).__name__}; its children: {top}")
     calls = capture_calls(clone, inputs, [n for n, m in modules.items() if n and holds_batchnorm(m)])
     report.params_before = count_params(model)
-    report.parts = []
+    report.parts = report.parts or []
     if why:
         report.warnings.append(f"whole model not traceable ({why}): converted its traceable parts")
 
@@ -130,8 +136,8 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
             return split(f"called with keyword arguments ({', '.join(kwargs)})")
         try:
             result = convert(module, example_inputs=args, verify=verify, name=name, **_part_options(options, name))
-        except TraceError as exc:
-            return split(one_line(exc))
+        except TraceError as exc:  # the hints (--leaf, --partial) are about the whole model, not this part
+            return split(one_line(exc).split("; try leaf_modules")[0].split("; or convert its")[0])
         except LnConvertError as exc:
             return keep(name, one_line(exc))
         _swap(clone, name, result.model, module)
@@ -143,12 +149,14 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
                                           if result.report.max_rel_error is not None else "; part not verified")})
 
     if submodules is not None:
-        for name in submodules:
-            attempt(name, explicit=True)
+        for name in submodules:  # named by the user: exactly those; opaque leaves: split if need be
+            attempt(name, explicit=whole)
     else:
         for name, child in clone.named_children():
             if holds_batchnorm(child):
                 attempt(name, explicit=False)
+    if not whole:
+        return ConversionResult(clone, report, model, options, inputs)
     for name, m in clone.named_modules():  # what is left: inside kept parts
         if is_batchnorm(m):
             report.bn(name, "kept", "inside a part that was not converted")
@@ -176,4 +184,13 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
     return ConversionResult(clone, report, model, options, inputs)
 
 
-__all__ = ["capture_calls", "convert_partial", "holds_batchnorm"]
+def opaque_parts(gm) -> list[str]:
+    """Modules called as opaque leaves of a traced model (timm's non-traceable layers,
+    ``leaf_modules``) that hold BatchNorm: each can be converted on its own."""
+    from .rules import rule_for
+
+    return [n.target for n in gm.graph.nodes if n.op == "call_module" and rule_for(gm, n) is None
+            and holds_batchnorm(gm.get_submodule(n.target))]
+
+
+__all__ = ["capture_calls", "convert_partial", "holds_batchnorm", "opaque_parts"]

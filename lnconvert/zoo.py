@@ -270,14 +270,16 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
         x = torch.randn(2, channels, side, side, generator=generator)
         start = time.perf_counter()
         result = convert(model, drop_bn=options.drop_bn, policy=options.policy, residual=options.residual,
-                         example_inputs=x, name=name)
+                         example_inputs=x, name=name, partial=True)  # BN in opaque leaves / untraceable parts
         row["convert_seconds"] = f"{time.perf_counter() - start:.2f}"
-        row["traced"] = "yes"
+        row["traced"] = "parts" if result.report.parts is not None else "yes"
         row.update(_report_columns(result.report), bn_after=_count_batchnorm(result.model),
                    status=result.report.status, reason="; ".join(result.report.status_reasons))
         if result.report.float64_conversion_error is not None:  # passed by the float32-rounding rule
             row["note"] = (f"above 1e-5 only by float32 rounding (<= the original's own); a float64 copy "
                            f"converts to {result.report.float64_conversion_error:.1e}")
+        if result.report.parts is not None:
+            row["note"] = "; ".join(filter(None, (row.get("note"), _parts_note(result.report))))
         if options.onnx:
             worst, ok = _onnx_max_rel(result, model)
             row["onnx_max_rel"] = f"{worst:.2e}"
@@ -326,7 +328,6 @@ def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]
     result = convert(model, drop_bn=options.drop_bn, policy=options.policy, residual=options.residual,
                      example_inputs=inputs, name=name, partial=True)
     report = result.report
-    parts = report.parts or []
     shape = inputs[0][0].shape if isinstance(inputs[0], list) else inputs[0].shape[1:]
     row = {"input_size": "x".join(map(str, shape)) + (" (x2 frames)" if task == "optical_flow" else ""),
            "traced": "parts" if report.parts is not None else "yes",
@@ -334,9 +335,16 @@ def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]
            "reason": "; ".join(report.status_reasons), **_report_columns(report),
            "bn_after": _count_batchnorm(result.model)}
     if report.parts is not None:
-        row["note"] = "; ".join(f"{p['action']} {p['module']}" + (f" ({p['detail'][:120]})" if p["action"] == "kept"
-                                                                   else "") for p in parts)
+        row["note"] = _parts_note(report)
     return row
+
+
+def _parts_note(report) -> str:
+    """What a partial conversion converted and kept (kept ones with their reason)."""
+    converted = [p["module"] for p in report.parts if p["action"] == "converted"]
+    kept = [f"{p['module']} ({p['detail'][:120]})" for p in report.parts if p["action"] == "kept"]
+    shown = ", ".join(converted[:4]) + (f" and {len(converted) - 4} more" if len(converted) > 4 else "")
+    return "; ".join([f"converted {shown}"] * bool(converted) + [f"kept {k}" for k in kept])
 
 
 def _limit_memory(gigabytes: float) -> None:

@@ -94,3 +94,40 @@ def test_cli_partial_needs_no_save_and_lists_the_parts():
     done = runner.invoke(app, ["tests.bad_models:untraceable", "--partial", "--no-save", "--input-size", "3,16,16"])
     assert done.exit_code == 0, done.stderr
     assert "part converted" in done.stdout and "body" in done.stdout and "exact" in done.stdout
+
+
+class Opaque(torch.nn.Module):
+    """conv-BN-ReLU kept as an opaque leaf of the whole model (as timm keeps its non-traceable layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def test_bn_inside_an_opaque_leaf_is_converted_on_its_own():
+    net = torch.nn.Sequential(Opaque(), torch.nn.Conv2d(6, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    randomize_batchnorm(net, x)
+    whole = lnconvert.convert(net, example_inputs=x, leaf_modules=["0"])
+    assert whole.report.status == "partial" and lnconvert.remaining_batchnorm(whole.model) == ["0.bn"]
+    result = lnconvert.convert(net, example_inputs=x, leaf_modules=["0"], partial=True)
+    assert [(p["module"], p["action"]) for p in result.report.parts] == [("0", "converted")]
+    assert result.report.status == "exact" and not lnconvert.remaining_batchnorm(result.model)
+    assert {b["name"]: b["action"] for b in result.report.batchnorm} == {"0.bn": "folded", "2": "folded"}
+    assert independent_parity(net, result.model, (x,)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_timm_efficientvit_m0_non_traceable_leaves_lose_every_batchnorm():
+    """Before partial conversion 54 of its 113 BatchNorms stayed inside LocalWindowAttention."""
+    import timm
+
+    model = timm.create_model("efficientvit_m0", pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    randomize_batchnorm(model, torch.randn(4, 3, 64, 64))
+    result = lnconvert.convert(model, example_inputs=x, partial=True)
+    assert result.report.status == "exact" and not lnconvert.remaining_batchnorm(result.model)
+    assert independent_parity(model, result.model, (x,)) <= 1e-4
