@@ -27,6 +27,11 @@ from .verify import compare, eval_mode
 _REPORTED = ("batchnorm", "activations", "consumers", "boundaries")
 
 
+def _trace_reason(text: str) -> str:
+    """A TraceError's message without its hints (--leaf, --partial): they are about the whole model."""
+    return text.split("; try leaf_modules")[0].split("; or convert its")[0]
+
+
 def holds_batchnorm(module: nn.Module) -> bool:
     return any(is_batchnorm(m) for m in module.modules())
 
@@ -112,7 +117,7 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
     report.params_before = count_params(model)
     report.parts = report.parts or []
     if why:
-        report.warnings.append(f"whole model not traceable ({why}): converted its traceable parts")
+        report.warnings.append(f"whole model not traceable ({_trace_reason(why)}): converted its traceable parts")
 
     def keep(name: str, reason: str) -> None:
         report.parts.append({"module": name, "type": type(modules[name]).__name__, "action": "kept",
@@ -136,8 +141,8 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
             return split(f"called with keyword arguments ({', '.join(kwargs)})")
         try:
             result = convert(module, example_inputs=args, verify=verify, name=name, **_part_options(options, name))
-        except TraceError as exc:  # the hints (--leaf, --partial) are about the whole model, not this part
-            return split(one_line(exc).split("; try leaf_modules")[0].split("; or convert its")[0])
+        except TraceError as exc:
+            return split(_trace_reason(one_line(exc)))
         except LnConvertError as exc:
             return keep(name, one_line(exc))
         _swap(clone, name, result.model, module)

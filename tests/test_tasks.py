@@ -85,3 +85,15 @@ def test_s3d_runs_on_its_default_clip_with_batch_one():
     clip = default_example_inputs(model, batch=1)
     with torch.no_grad():
         assert model(*clip).shape == (1, 400)
+
+
+def test_zoo_selects_every_task_or_chosen_ones():
+    from lnconvert.zoo import select_models
+
+    detection = select_models(torchvision_task_list=["detection"])
+    assert len(detection) == 12 and all(n.startswith("torchvision/detection/") for n in detection)
+    everything = select_models(torchvision_task_list=["all"])
+    assert set(detection) < set(everything) and "torchvision/resnet18" in everything
+    assert "torchvision/optical_flow/raft_small" in everything and len(everything) == len(set(everything))
+    result = CliRunner().invoke(app, ["zoo", "--torchvision-task", "detectoin"])
+    assert result.exit_code == 2 and "unknown torchvision task 'detectoin'" in result.stderr
