@@ -18,7 +18,7 @@ from .options import ConvertOptions, PassContext
 from . import passes
 from .plan import plan_links
 from .report import ConversionReport
-from .rules import batchnorm_statistics, is_batchnorm
+from .rules import batchnorm_statistics, is_batchnorm_like
 from .trace import default_example_inputs, private_eval_copy, trace
 from .verify import compare, eval_mode
 
@@ -55,7 +55,7 @@ def _check_supported(model: nn.Module) -> None:
         if where.startswith("torch.") and ".quantized" in where and type(module) is not FloatFunctional:
             raise UnsupportedModelError(f"module '{name}' is quantized ({type(module).__name__}); "
                                         f"convert the floating-point model, then quantize the result")
-    bn_stats = {f"{name}.{stat}".lstrip(".") for name, m in model.named_modules() if is_batchnorm(m)
+    bn_stats = {f"{name}.{stat}".lstrip(".") for name, m in model.named_modules() if is_batchnorm_like(m)
                 for stat in batchnorm_statistics(m)}
     parameters = dict(model.named_parameters())
     for name, tensor in [*parameters.items(), *model.named_buffers()]:
@@ -99,7 +99,7 @@ def remaining_batchnorm(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             found += [f"{node.target}.{name}".rstrip(".") for name, sub in gm.get_submodule(node.target).named_modules()
-                      if is_batchnorm(sub)]
+                      if is_batchnorm_like(sub)]
         elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm and reads_input(node):
             found.append(node.name)
     return found

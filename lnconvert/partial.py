@@ -21,7 +21,7 @@ from .analysis import count_params
 from .errors import LnConvertError, ParityError, TraceError, UsageError, one_line
 from .options import ConvertOptions
 from .report import ConversionReport
-from .rules import is_batchnorm
+from .rules import is_batchnorm_like
 from .verify import compare, eval_mode
 
 _REPORTED = ("batchnorm", "activations", "consumers", "boundaries")
@@ -33,7 +33,7 @@ def _trace_reason(text: str) -> str:
 
 
 def holds_batchnorm(module: nn.Module) -> bool:
-    return any(is_batchnorm(m) for m in module.modules())
+    return any(is_batchnorm_like(m) for m in module.modules())
 
 
 def capture_calls(model: nn.Module, inputs: tuple[Any, ...], names: Iterable[str]) -> dict[str, tuple[tuple, dict]]:
@@ -163,7 +163,7 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
     if not whole:
         return ConversionResult(clone, report, model, options, inputs)
     for name, m in clone.named_modules():  # what is left: inside kept parts
-        if is_batchnorm(m):
+        if is_batchnorm_like(m):
             report.bn(name, "kept", "inside a part that was not converted")
     kept = [b["name"] for b in report.batchnorm if b["action"] == "kept"]
     if kept:

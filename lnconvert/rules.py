@@ -188,6 +188,12 @@ def is_batchnorm(module: nn.Module) -> bool:
     return type(module) in BATCHNORM_MODULES or is_frozen_batchnorm(module)
 
 
+def is_batchnorm_like(module: nn.Module) -> bool:
+    """A BatchNorm, or a subclass of the nn types that may do more (timm's BatchNormAct2d, split
+    by the decompose_normact pass where it is traced): what counts as BatchNorm left in a model."""
+    return isinstance(module, BATCHNORM_MODULES) or is_frozen_batchnorm(module)
+
+
 def batchnorm_channels(module: nn.Module) -> int:
     """Channels a BatchNorm normalises (frozen ones may not store ``num_features``)."""
     stats = module.running_mean if getattr(module, "running_mean", None) is not None else module.weight

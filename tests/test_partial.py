@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 import lnconvert
 from lnconvert.cli import app
 from lnconvert.errors import TraceError, UsageError
-from lnconvert.rules import is_batchnorm
+from lnconvert.rules import is_batchnorm_like
 from lnconvert.testing import randomize_batchnorm
 from lnconvert.trace import default_example_inputs
 from lnconvert.verify import compare
@@ -16,7 +16,7 @@ from tests import bad_models
 
 
 def remaining(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if is_batchnorm(m)]
+    return [n for n, m in model.named_modules() if is_batchnorm_like(m)]
 
 
 def independent_parity(original, converted, inputs) -> float:
