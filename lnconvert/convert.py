@@ -98,7 +98,11 @@ def remaining_batchnorm(gm: fx.GraphModule) -> list[str]:
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            found += [f"{node.target}.{name}".rstrip(".") for name, sub in gm.get_submodule(node.target).named_modules()
+            module = gm.get_submodule(node.target)
+            if isinstance(module, fx.GraphModule):  # a part converted on its own (lnconvert.partial)
+                found += [f"{node.target}.{name}" for name in remaining_batchnorm(module)]
+                continue
+            found += [f"{node.target}.{name}".rstrip(".") for name, sub in module.named_modules()
                       if is_batchnorm_like(sub)]
         elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm and reads_input(node):
             found.append(node.name)

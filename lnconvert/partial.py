@@ -195,6 +195,7 @@ def opaque_parts(gm) -> list[str]:
     from .rules import rule_for
 
     return [n.target for n in gm.graph.nodes if n.op == "call_module" and rule_for(gm, n) is None
+            and not is_batchnorm_like(gm.get_submodule(n.target))  # the passes handle those (decompose_normact)
             and holds_batchnorm(gm.get_submodule(n.target))]
 
 

@@ -306,6 +306,7 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
 
 
 # small task inputs for the zoo (the task defaults of lnconvert.tasks, shrunk where the model allows)
+_ZOO_DETECTION_SIDE = 128
 _ZOO_TASK_SIZES = {"segmentation": (3, 64, 64), "detection": (3, 96, 128), "video": (3, 4, 56, 56),
                    "optical_flow": (3, 128, 128)}
 
@@ -322,6 +323,10 @@ def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]
 
     task = task_of(model)
     size = None if type(model).__name__ in ("S3D", "MViT") else _ZOO_TASK_SIZES[task]  # those need their clip
+    transform = getattr(model, "transform", None)
+    if task == "detection" and getattr(transform, "fixed_size", True) is None:
+        # R-CNN / RetinaNet / FCOS resize images to a side of 800: 128 keeps a CPU row to minutes
+        transform.min_size, transform.max_size = (_ZOO_DETECTION_SIDE,), _ZOO_DETECTION_SIDE
     inputs = default_example_inputs(model, input_size=size)
     randomize_batchnorm(model, default_example_inputs(model, batch=2, input_size=size, seed=1))
     start = time.perf_counter()

@@ -131,3 +131,22 @@ def test_timm_efficientvit_m0_non_traceable_leaves_lose_every_batchnorm():
     result = lnconvert.convert(model, example_inputs=x, partial=True)
     assert result.report.status == "exact" and not lnconvert.remaining_batchnorm(result.model)
     assert independent_parity(model, result.model, (x,)) <= 1e-4
+
+
+def test_batchnorm_left_inside_a_converted_part_is_counted():
+    """A part that is a BatchNorm alone traces to a functional batch_norm call, which stays:
+    the whole model's count must still see it inside the part."""
+    from lnconvert.trace import trace
+
+    class FunctionalBN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(3))
+            self.register_buffer("var", torch.ones(3))
+
+        def forward(self, x):
+            return torch.nn.functional.batch_norm(x, self.mean, self.var, training=False)
+
+    part = torch.fx.symbolic_trace(FunctionalBN())
+    whole = trace(torch.nn.Sequential(part, torch.nn.ReLU()).eval(), ["0"])
+    assert [n for n in lnconvert.remaining_batchnorm(whole)] == ["0.batch_norm"]
