@@ -158,6 +158,12 @@ def convert_cmd(
     tolerance: float = typer.Option(DEFAULT_TOLERANCE, help="Max relative error: max|delta| / max(1, max|y|)."),
     precision: str = typer.Option("float64", help="Verify in float64 (conversion error alone) or float32."),
     leaf: Optional[List[str]] = typer.Option(None, help="Submodule to keep opaque when tracing (repeatable)."),
+    partial: bool = typer.Option(False, "--partial", help="If the whole model cannot be traced (detection, optical "
+                                 "flow), convert each traceable submodule holding BatchNorm in place and verify "
+                                 "the whole model's outputs (needs --no-save)."),
+    submodule: Optional[List[str]] = typer.Option(None, "--submodule", help="Convert only this submodule in place, "
+                                                  "e.g. backbone (repeatable; needs --no-save); the whole model "
+                                                  "is verified."),
     trust_pickle: bool = typer.Option(False, help="Allow checkpoints holding pickled objects (trusted files)."),
     trust_source: bool = typer.Option(False, "--trust-source", help="Let a saved model whose spec names a "
                                       "module:callable architecture import and run it (only for files you trust)."),
@@ -181,6 +187,9 @@ def convert_cmd(
         ConvertOptions(drop_bn=drop_bn, policy=policy, residual=residual, activations=acts, tolerance=tolerance,
                        precision=precision, norm=norm, lcw=lcw)  # validate before the (slow) model load
         target = None
+        if (partial or submodule) and not no_save:
+            raise UsageError("a partially converted model cannot be saved yet; add --no-save (from Python: "
+                             "torch.save(result.model, PATH), a pickle of the whole model)")
         if not no_save:
             if save_format not in FORMATS:
                 raise UsageError(f"unknown --format {save_format!r}; choose one of: {', '.join(FORMATS)}")
@@ -201,7 +210,8 @@ def convert_cmd(
             try:
                 result = convert(net, drop_bn=drop_bn, link=link, policy=policy, activations=acts,
                                  residual=residual, example_inputs=inputs, verify=verify, leaf_modules=leaf or (),
-                                 tolerance=tolerance, precision=precision, name=model, norm=norm, lcw=lcw)
+                                 tolerance=tolerance, precision=precision, name=model, norm=norm, lcw=lcw,
+                                 partial=partial, submodules=submodule or None)
             except ParityError as exc:
                 if exc.report is not None:
                     print_report(exc.report, err)
@@ -385,6 +395,11 @@ def list_cmd(pattern: str = typer.Argument("*", help="Glob pattern, e.g. 'resnet
 def zoo_cmd(
     models: Optional[List[str]] = typer.Argument(None, help="Model names (torchvision or timm, as for convert)."),
     torchvision: bool = typer.Option(False, "--torchvision", help="All torchvision classification models."),
+    torchvision_all: bool = typer.Option(False, "--torchvision-all", help="All torchvision builders of every task "
+                                         "(classification, segmentation, detection, video, optical_flow, "
+                                         "quantization); untraceable ones converted in parts."),
+    torchvision_task: Optional[List[str]] = typer.Option(None, "--torchvision-task", help="All torchvision "
+                                                         "builders of this task, e.g. detection (repeatable)."),
     timm_patterns: Optional[List[str]] = typer.Option(None, "--timm", help="timm models matching this glob, "
                                                                           "e.g. 'resnet*' (repeatable)."),
     timm_families: bool = typer.Option(False, "--timm-families", help="The smallest model (by parameter count) "
@@ -422,9 +437,11 @@ def zoo_cmd(
         if threads < 1:
             raise UsageError(f"--threads must be at least 1, got {threads}")
         names = select_models(models or (), torchvision=torchvision, timm_patterns=timm_patterns or (),
-                              timm_smallest_per_family=timm_families)
+                              timm_smallest_per_family=timm_families,
+                              torchvision_task_list=(["all"] if torchvision_all else []) + list(torchvision_task or ()))
         if not names:
-            raise UsageError("no models selected: give names, --torchvision, --timm PATTERN or --timm-families")
+            raise UsageError("no models selected: give names, --torchvision, --torchvision-all, --torchvision-task "
+                             "TASK, --timm PATTERN or --timm-families")
         options = ZooOptions(drop_bn=drop_bn, policy=policy, residual=residual, input_size=input_size, onnx=onnx,
                              timeout=timeout, memory_gb=memory_gb, threads=threads)
         rows = run_zoo(names, options, out=out_prefix, jobs=jobs, rerun=rerun, console=err)

@@ -11,14 +11,15 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
+from torch.ao.nn.quantized import FloatFunctional
 
 from . import __version__, passes
 from .analysis import check_channels, count_macs, count_params, propagate_shapes, reads_input
-from .errors import ParityError, UnsupportedModelError, UsageError, one_line
+from .errors import ParityError, TraceError, UnsupportedModelError, UsageError, one_line
 from .options import ConvertOptions, PassContext
 from .plan import plan_links
 from .report import DEFAULT_TOLERANCE, ConversionReport
-from .rules import BATCHNORM_MODULES
+from .rules import batchnorm_statistics, is_batchnorm_like
 from .trace import default_example_inputs, private_eval_copy, trace
 from .verify import compare, eval_mode
 
@@ -104,11 +105,13 @@ def _check_supported(model: nn.Module) -> None:
     and Inf in parameters or BatchNorm statistics."""
     for name, module in model.named_modules():
         where = type(module).__module__
-        if where.startswith("torch.") and ".quantized" in where:
+        # FloatFunctional is the float stand-in of quantizable models (torchvision's quantized_*
+        # builders before quantization): plain torch.add / cat / mul, nothing quantized yet
+        if where.startswith("torch.") and ".quantized" in where and type(module) is not FloatFunctional:
             raise UnsupportedModelError(f"module '{name}' is quantized ({type(module).__name__}); "
                                         f"convert the floating-point model, then quantize the result")
-    bn_stats = {f"{name}.{stat}".lstrip(".") for name, m in model.named_modules() if isinstance(m, BATCHNORM_MODULES)
-                for stat in ("running_mean", "running_var")}
+    bn_stats = {f"{name}.{stat}".lstrip(".") for name, m in model.named_modules() if is_batchnorm_like(m)
+                for stat in batchnorm_statistics(m)}
     parameters = dict(model.named_parameters())
     for name, tensor in [*parameters.items(), *model.named_buffers()]:
         if tensor.dtype in _LOW_PRECISION:
@@ -150,8 +153,12 @@ def remaining_batchnorm(gm: fx.GraphModule) -> list[str]:
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            found += [f"{node.target}.{name}".rstrip(".") for name, sub in gm.get_submodule(node.target).named_modules()
-                      if isinstance(sub, BATCHNORM_MODULES)]
+            module = gm.get_submodule(node.target)
+            if isinstance(module, fx.GraphModule):  # a part converted on its own (lnconvert.partial)
+                found += [f"{node.target}.{name}" for name in remaining_batchnorm(module)]
+                continue
+            found += [f"{node.target}.{name}".rstrip(".") for name, sub in module.named_modules()
+                      if is_batchnorm_like(sub)]
         elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm and reads_input(node):
             found.append(node.name)
     return found
@@ -209,6 +216,8 @@ def convert(
     norm: str = "fold",
     lcw: bool = False,
     verify_inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]] | None = None,
+    partial: bool = False,
+    submodules: Iterable[str] | None = None,
 ) -> ConversionResult:
     """Convert a trained model into a BatchNorm-free model with linked activations.
 
@@ -231,6 +240,14 @@ def convert(
     and keeps them there (Linearly Constrained Weights): this changes the function by
     design, so the model is verified *before* the projection, and the deviation it causes
     is reported (``report.lcw_deviation``, status ``changed``) instead of raising.
+
+    ``partial=True``: a model fx cannot trace as a whole (detection, optical flow) has each
+    maximal traceable submodule holding BatchNorm converted in place instead, and the whole
+    model verified (:mod:`lnconvert.partial`; ``report.parts`` lists what was converted and
+    what stayed, and why); ``submodules=["backbone", ...]`` converts exactly those.
+    With ``partial=True`` a traceable model whose BatchNorms sit inside opaque leaves (timm's
+    non-traceable layers) has each such leaf converted on its own first; the converted leaves
+    stay leaves of the whole model's graph.
     """
     options = ConvertOptions(drop_bn=drop_bn, link=link, policy=policy,
                              activations=tuple(activations) if activations is not None else None,
@@ -252,8 +269,33 @@ def convert(
     _check_inputs(inputs, "example inputs")
     ctx = PassContext(options, report, inputs)
 
-    with _timed(report, "trace"):
-        gm = trace(private_eval_copy(model), options.leaf_modules)
+    gm, why = None, ""
+    if submodules is None:
+        with _timed(report, "trace"):
+            try:
+                gm = trace(private_eval_copy(model), options.leaf_modules)
+            except TraceError as exc:
+                if not partial:
+                    raise
+                why = str(exc)
+    if gm is None:  # the named submodules, or the traceable parts of an untraceable model
+        from .partial import convert_partial
+
+        with _timed(report, "partial"):
+            return convert_partial(model, inputs, options, report, why=why, verify=verify,
+                                   submodules=None if submodules is None else list(submodules),
+                                   verify_inputs=[_as_tuple(x) for x in data])
+    if partial:  # BN inside opaque leaves: convert each leaf on its own, then keep it a leaf
+        from .partial import convert_partial, opaque_parts
+
+        opaque = list(dict.fromkeys(opaque_parts(gm)))
+        if opaque:
+            with _timed(report, "partial"):
+                inner = convert_partial(model, inputs, options, report, submodules=opaque, verify=verify,
+                                        whole=False).model
+            converted = tuple(p["module"] for p in report.parts if p["action"] == "converted")
+            with _timed(report, "trace"):
+                gm = trace(private_eval_copy(inner), options.leaf_modules + converted)
     with _timed(report, "analyse"):
         try:
             propagate_shapes(gm, inputs)

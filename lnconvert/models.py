@@ -32,20 +32,30 @@ def timm_names() -> tuple[str, ...]:
 
 
 def resolve(name: str) -> tuple[str, str]:
-    """(library, architecture) for ``name``: ``torchvision/x``, ``timm/x`` (or a timm pretrained
-    tag such as ``resnet18.a1_in1k``), ``pkg.module:callable``, or a bare name (torchvision first)."""
+    """(library, architecture) for ``name``: ``torchvision/x``, ``torchvision/TASK/x`` (any
+    torchvision task: ``torchvision/detection/fasterrcnn_resnet50_fpn``), ``timm/x`` (or a timm
+    pretrained tag such as ``resnet18.a1_in1k``), ``pkg.module:callable``, or a bare name
+    (torchvision first). torchvision architectures come back canonical (``detection/NAME``)."""
+    from . import tasks
+
     if ":" in name:
         return "import", name
-    library, _, arch = name.rpartition("/")
-    if library in ("torchvision", "timm"):
+    library, _, arch = name.partition("/") if "/" in name else ("", "", name)
+    if library == "timm":
         return library, arch
+    if library == "torchvision":
+        found = tasks.canonical(arch)
+        if found is None:
+            raise ModelSourceError(f"unknown torchvision model '{arch}'; `lnconvert list 'torchvision/*'` shows them")
+        return library, found
     if library:
         raise ModelSourceError(f"unknown model source '{library}/'; use torchvision/, timm/ or module:callable")
-    if arch in torchvision_names():
-        return "torchvision", arch
+    found = tasks.canonical(arch)
+    if found is not None:
+        return "torchvision", found
     if arch.split(".")[0] in timm_names():
         return "timm", arch
-    known = list(dict.fromkeys(torchvision_names() + timm_names()))
+    known = list(dict.fromkeys([n.rpartition("/")[2] for n in tasks.all_names()] + list(timm_names())))
     close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `lnconvert list PATTERN` shows known names"
     raise ModelSourceError(f"unknown model '{name}'{hint}")
@@ -86,9 +96,9 @@ def is_registry_name(name: str) -> bool:
 
 def _build(library: str, arch: str, official: bool) -> nn.Module:
     if library == "torchvision":
-        import torchvision
+        from . import tasks
 
-        return torchvision.models.get_model(arch, weights="DEFAULT" if official else None)
+        return tasks.build(arch, official)
     if library == "timm":
         import timm
 
@@ -342,6 +352,11 @@ def list_models(pattern: str = "*") -> list[tuple[str, str]]:
     """(library, name) of known models matching a glob pattern."""
     import fnmatch
 
-    out = [("torchvision", n) for n in torchvision_names() if fnmatch.fnmatch(n, pattern)]
-    out += [("timm", n) for n in timm_names() if fnmatch.fnmatch(n, pattern)]
+    from . import tasks
+
+    def matches(library: str, name: str) -> bool:  # by name, TASK/NAME ('detection/*') or library/...
+        return any(fnmatch.fnmatch(text, pattern) for text in (name, name.rpartition("/")[2], f"{library}/{name}"))
+
+    out = [("torchvision", n) for n in tasks.all_names() if matches("torchvision", n)]
+    out += [("timm", n) for n in timm_names() if matches("timm", n)]
     return out

@@ -40,6 +40,8 @@ class ConversionReport:
     boundaries: list[dict[str, str]] = field(default_factory=list)     # consumer, producer, kind, reason
     norm_layers: list[dict[str, str]] = field(default_factory=list)   # layer, strategy, action, detail
     lcw_layers: list[dict[str, Any]] = field(default_factory=list)     # layer, rel_weight_change
+    # partial conversion (lnconvert.partial): module, type, action (converted | kept), detail
+    parts: list[dict[str, str]] | None = None
     lcw_deviation: float | None = None  # max rel output change caused by LCW (vs the original)
     # set when outputs exceeded the tolerance within float32 rounding: the float64 copy's error
     float64_conversion_error: float | None = None
@@ -112,6 +114,7 @@ def summary_rows(report: ConversionReport) -> list[tuple[str, str]]:
     rel = report.max_rel_error
     rows = [
         ("status", report.status + (f" ({'; '.join(report.status_reasons)})" if report.status_reasons else "")),
+        *[(f"part {p['action']}", f"{p['module']} ({p['type']}): {p['detail']}") for p in report.parts or ()],
         ("batchnorm", counts(report.batchnorm)),
         ("activations", counts(report.activations)),
         ("consumers widened", str(len(report.consumers))),

@@ -56,7 +56,9 @@ def register_rule(key: Any, kind: Kind | str, *, name: str = "", op: str = "") -
 
 def rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
     if node.op == "call_module":
-        return _RULES.get(type(gm.get_submodule(node.target)))
+        module = gm.get_submodule(node.target)
+        rule = _RULES.get(type(module))
+        return rule if rule is not None or not is_frozen_batchnorm(module) else _FROZEN_BATCHNORM_RULE
     if node.op in ("call_function", "call_method"):
         try:
             return _RULES.get(node.target)
@@ -162,6 +164,45 @@ def is_inplace_call(gm: fx.GraphModule, node: fx.Node) -> bool:
 BATCHNORM_MODULES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FrozenBatchNorm2d)
 for _t in BATCHNORM_MODULES + (ChannelAffine,):
     register_rule(_t, Kind.CHANNEL_PARAMS)
+_FROZEN_BATCHNORM_RULE = Rule(Kind.CHANNEL_PARAMS)
+_BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm with fixed statistics and affine under any class name: ``weight``, ``bias``,
+    ``running_mean`` and ``running_var`` are 1-D floating-point *buffers* of one length and
+    ``eps`` a number, with no parameters and no submodules (torchvision's FrozenBatchNorm2d,
+    detectron2's, most detection code's). Nothing in it can use batch statistics, and a module
+    with children (timm's FrozenBatchNormAct2d adds an activation) is not one."""
+    buffers = dict(module.named_buffers(recurse=False))
+    tensors = [buffers.get(name) for name in _BATCHNORM_TENSORS]
+    if any(t is None or t.dim() != 1 or not t.is_floating_point() for t in tensors):
+        return False
+    return (len({t.numel() for t in tensors}) == 1 and isinstance(getattr(module, "eps", None), (int, float))
+            and next(module.parameters(recurse=False), None) is None and next(module.children(), None) is None)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """The one definition of a BatchNorm lnconvert removes: the exact ``nn.BatchNorm1d/2d/3d``
+    types (a subclass may do more, e.g. add an activation) or a frozen BatchNorm of any class."""
+    return type(module) in BATCHNORM_MODULES or is_frozen_batchnorm(module)
+
+
+def is_batchnorm_like(module: nn.Module) -> bool:
+    """A BatchNorm, or a subclass of the nn types that may do more (timm's BatchNormAct2d, split
+    by the decompose_normact pass where it is traced): what counts as BatchNorm left in a model."""
+    return isinstance(module, BATCHNORM_MODULES) or is_frozen_batchnorm(module)
+
+
+def batchnorm_channels(module: nn.Module) -> int:
+    """Channels a BatchNorm normalises (frozen ones may not store ``num_features``)."""
+    stats = module.running_mean if getattr(module, "running_mean", None) is not None else module.weight
+    return stats.numel() if stats is not None else module.num_features
+
+
+def batchnorm_statistics(module: nn.Module) -> tuple[str, ...]:
+    """Names of the tensors defining a BatchNorm's eval function (checked for NaN/Inf)."""
+    return _BATCHNORM_TENSORS if is_frozen_batchnorm(module) else ("running_mean", "running_var")
 
 # --- absorbing consumers ----------------------------------------------------------
 CONV_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

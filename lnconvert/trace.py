@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .rules import _RULES, ACTIVATION_MODULES
+from .rules import _RULES, ACTIVATION_MODULES, is_frozen_batchnorm
 
 
 def _timm_notrace() -> tuple[set[type], list[Any]]:
@@ -21,7 +21,8 @@ def _timm_notrace() -> tuple[set[type], list[Any]]:
 
 class ConvertTracer(fx.Tracer):
     """fx tracer that keeps timm's non-traceable layers, every module lnconvert has a rule
-    for, and user-named submodules as leaves, and remembers where tracing failed."""
+    for (frozen BatchNorms of any class too), and user-named submodules as leaves, and
+    remembers where tracing failed."""
 
     def __init__(self, leaf_modules: Iterable[str] = ()):
         notrace_modules, notrace_functions = _timm_notrace()
@@ -31,7 +32,7 @@ class ConvertTracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in self.leaf_types or module_qualified_name in self.leaf_names:
+        if type(m) in self.leaf_types or module_qualified_name in self.leaf_names or is_frozen_batchnorm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -65,6 +66,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
         where = tracer.failed_in
         location = f" in module '{where[0] or '<root>'}' ({where[1]})" if where else ""
         hint = f"; try leaf_modules=['{where[0]}'] (CLI: --leaf {where[0]})" if where and where[0] else ""
+        hint += "; or convert its traceable parts: partial=True (CLI: --partial)"
         raise TraceError(f"cannot trace {type(model).__name__}{location}: {_reason(exc)}{hint}") from exc
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
@@ -89,7 +91,15 @@ def example_input_size(model: nn.Module, override: tuple[int, ...] | None = None
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, input_size: tuple[int, ...] | None = None,
-                           seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+                           seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Any, ...]:
+    """A random batch the model accepts: ``input_size`` (C, H, W; video C, T, H, W) or the
+    model's configured size; torchvision task models get their task's inputs (lnconvert.tasks:
+    a list of images for detection, two image batches for optical flow, a long enough clip)."""
+    from .tasks import example_inputs
+
+    task_inputs = example_inputs(model, batch, input_size, seed, dtype)
+    if task_inputs is not None:
+        return task_inputs
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, *example_input_size(model, input_size))
     return (torch.randn(shape, generator=generator, dtype=dtype),)

@@ -60,6 +60,18 @@ def torchvision_classification() -> list[str]:
     return [f"torchvision/{n}" for n in torchvision_names()]
 
 
+def torchvision_tasks(tasks: Iterable[str] | None = None) -> list[str]:
+    """Every torchvision builder of the given tasks (default: all, classification included)."""
+    from .tasks import TASKS, task_names
+
+    chosen = list(tasks) if tasks is not None else list(TASKS)
+    unknown = [t for t in chosen if t not in TASKS]
+    if unknown:
+        raise UsageError(f"unknown torchvision task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
+    return [f"torchvision/{n}" if t == "classification" else f"torchvision/{t}/{n}"
+            for t in chosen for n in task_names()[t]]
+
+
 def timm_matching(pattern: str) -> list[str]:
     """timm models whose name matches the glob ``pattern``."""
     from .models import timm_names
@@ -70,12 +82,18 @@ def timm_matching(pattern: str) -> list[str]:
 def timm_family(name: str) -> str:
     """The family of a timm model: its timm module plus the name's stem without the depth,
     e.g. ``efficientnet:mixnet`` for mixnet_s, ``resnet:resnet`` for resnet18d and resnet50."""
-    from timm.models import _registry
-
     tokens = name.split("_")
     stem = "_".join(tokens[:2]) if tokens[0] == "tf" and len(tokens) > 1 else tokens[0]
     stem = re.sub(r"\d{2,}[a-z]?$", "", stem)  # resnet18d -> resnet; mobilenetv3 keeps its version
-    return f"{_registry._model_to_module.get(name, '?')}:{stem}"
+    return f"{_timm_modules().get(name, '?')}:{stem}"
+
+
+@lru_cache(maxsize=1)
+def _timm_modules() -> dict[str, str]:
+    """timm model name -> its module, from timm's public list_modules / list_models(module=)."""
+    import timm
+
+    return {n: module for module in timm.list_modules() for n in timm.list_models(module=module)}
 
 
 def _meta_param_count(name: str) -> float:
@@ -104,7 +122,7 @@ def timm_families() -> dict[str, str]:
 
 
 def select_models(names: Iterable[str] = (), *, torchvision: bool = False, timm_patterns: Iterable[str] = (),
-                  timm_smallest_per_family: bool = False) -> list[str]:
+                  timm_smallest_per_family: bool = False, torchvision_task_list: Iterable[str] = ()) -> list[str]:
     """Canonical ``library/name`` list, in the order asked, without repeats. Explicit names are
     resolved like ``lnconvert MODEL`` (an unknown name raises ModelSourceError)."""
     from .models import resolve
@@ -117,6 +135,9 @@ def select_models(names: Iterable[str] = (), *, torchvision: bool = False, timm_
         chosen.append(f"{library}/{arch}")
     if torchvision:
         chosen += torchvision_classification()
+    task_list = list(torchvision_task_list)
+    if task_list:
+        chosen += torchvision_tasks(None if "all" in task_list else task_list)
     for pattern in timm_patterns:
         matched = timm_matching(pattern)
         if not matched:
@@ -157,7 +178,8 @@ def _configured_side(name: str, model) -> tuple[int, int]:
     if library == "torchvision":
         import torchvision
 
-        crop = torchvision.models.get_model_weights(arch).DEFAULT.transforms.keywords.get("crop_size", 224)
+        weights = torchvision.models.get_model_weights(arch.rpartition("/")[2]).DEFAULT
+        crop = weights.transforms.keywords.get("crop_size", 224)
         sides = [crop]
     return channels, max(sides)
 
@@ -180,8 +202,10 @@ def _count_batchnorm(model) -> int:
     import torch
 
     from .convert import remaining_batchnorm
+    from .rules import is_frozen_batchnorm
 
-    modules = {n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    modules = {n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or is_frozen_batchnorm(m)}
     functional = set(remaining_batchnorm(model)) if hasattr(model, "graph") else set()
     return len(modules | functional)
 
@@ -232,13 +256,17 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
     from .convert import convert
     from .errors import ParityError, TraceError
     from .models import load_model
+    from .tasks import task_of
     from .testing import randomize_batchnorm
     torch.set_num_threads(options.threads)
     row: dict[str, Any] = {"model": name, "library": name.partition("/")[0], "status": "failed"}
+    x = None  # the image batch of a classification row (task rows make their own inputs)
     try:
         torch.manual_seed(0)  # the architecture's own random init, the same every run
         model = load_model(name)
         row["bn_before"] = _count_batchnorm(model)
+        if task_of(model) not in ("classification", "quantization"):
+            return row | _convert_task_model(name, model, options)
         channels, side = _run_size(name, model, options)
         row["input_size"] = f"{channels}x{side}x{side}"
         generator = torch.Generator().manual_seed(0)
@@ -246,14 +274,16 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
         x = torch.randn(2, channels, side, side, generator=generator)
         start = time.perf_counter()
         result = convert(model, drop_bn=options.drop_bn, policy=options.policy, residual=options.residual,
-                         example_inputs=x, name=name)
+                         example_inputs=x, name=name, partial=True)  # BN in opaque leaves / untraceable parts
         row["convert_seconds"] = f"{time.perf_counter() - start:.2f}"
-        row["traced"] = "yes"
+        row["traced"] = "parts" if result.report.parts is not None else "yes"
         row.update(_report_columns(result.report), bn_after=_count_batchnorm(result.model),
                    status=result.report.status, reason="; ".join(result.report.status_reasons))
         if result.report.float64_conversion_error is not None:  # passed by the float32-rounding rule
             row["note"] = (f"above 1e-5 only by float32 rounding (<= the original's own); a float64 copy "
                            f"converts to {result.report.float64_conversion_error:.1e}")
+        if result.report.parts is not None:
+            row["note"] = "; ".join(filter(None, (row.get("note"), _parts_note(result.report))))
         if options.onnx:
             worst, ok, row["onnx_layout_ops"] = _onnx_max_rel(result, model)
             row["onnx_max_rel"] = f"{worst:.2e}"
@@ -268,7 +298,7 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
             if exc.report is not None:
                 row.update(_report_columns(exc.report))
             try:
-                if exc.report.float64_conversion_error is None:
+                if exc.report.float64_conversion_error is None and x is not None:
                     row["reason"] += _float64_conversion(exc, model, x)
             except Exception as diagnosis:  # e.g. no memory for a float64 copy: the row stands
                 row["reason"] += f"; no float64 check ({type(diagnosis).__name__})"
@@ -277,6 +307,61 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
     if row.get("bn_before") == 0 and options.drop_bn:
         row["note"] = "no BatchNorm: --drop-bn is a no-op"
     return row
+
+
+# small task inputs for the zoo (the task defaults of lnconvert.tasks, shrunk where the model allows)
+_ZOO_DETECTION_SIDE = 128
+_ZOO_TASK_SIZES = {"segmentation": (3, 64, 64), "detection": (3, 96, 128), "video": (3, 4, 56, 56),
+                   "optical_flow": (3, 128, 128)}
+
+
+def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]:
+    """A detection / segmentation / video / flow row: the task's inputs, BN statistics measured
+    on another batch of them, partial conversion where the whole model does not trace, and
+    every output tensor of the whole model compared (detections after NMS)."""
+    from .convert import convert
+    from .tasks import task_of
+    from .testing import randomize_batchnorm
+    from .trace import default_example_inputs
+
+    task = task_of(model)
+    size = None if type(model).__name__ in ("S3D", "MViT") else _ZOO_TASK_SIZES[task]  # those need their clip
+    transform = getattr(model, "transform", None)
+    if task == "detection" and getattr(transform, "fixed_size", True) is None:
+        # R-CNN / RetinaNet / FCOS resize images to a side of 800: 128 keeps a CPU row to minutes
+        transform.min_size, transform.max_size = (_ZOO_DETECTION_SIDE,), _ZOO_DETECTION_SIDE
+    for holder in (model, getattr(model, "roi_heads", None)):  # random init scores ~1/91: keep every detection
+        if task == "detection" and hasattr(holder, "score_thresh"):
+            holder.score_thresh = 0.0
+    inputs = default_example_inputs(model, input_size=size)
+    randomize_batchnorm(model, default_example_inputs(model, batch=2, input_size=size, seed=1))
+    start = time.perf_counter()
+    result = convert(model, drop_bn=options.drop_bn, policy=options.policy, residual=options.residual,
+                     example_inputs=inputs, name=name, partial=True)
+    report = result.report
+    shape = inputs[0][0].shape if isinstance(inputs[0], list) else inputs[0].shape[1:]
+    row = {"input_size": "x".join(map(str, shape)) + (" (x2 frames)" if task == "optical_flow" else ""),
+           "traced": "parts" if report.parts is not None else "yes",
+           "convert_seconds": f"{time.perf_counter() - start:.2f}", "status": report.status,
+           "reason": "; ".join(report.status_reasons), **_report_columns(report),
+           "bn_after": _count_batchnorm(result.model)}
+    if report.parts is not None:
+        row["note"] = _parts_note(report)
+    if task == "detection":  # the comparison is only as strong as the number of detections in it
+        import torch
+
+        with torch.no_grad():
+            found = sum(len(d["boxes"]) for d in model.eval()(*inputs))
+        row["note"] = f"{found} detections compared; {row.get('note', '')}"
+    return row
+
+
+def _parts_note(report) -> str:
+    """What a partial conversion converted and kept (kept ones with their reason)."""
+    converted = [p["module"] for p in report.parts if p["action"] == "converted"]
+    kept = [f"{p['module']} ({p['detail'][:120]})" for p in report.parts if p["action"] == "kept"]
+    shown = ", ".join(converted[:4]) + (f" and {len(converted) - 4} more" if len(converted) > 4 else "")
+    return "; ".join([f"converted {shown}"] * bool(converted) + [f"kept {k}" for k in kept])
 
 
 def _limit_memory(gigabytes: float) -> None:

@@ -6,7 +6,7 @@ from torch import fx
 from ..analysis import own_module, shape_of
 from ..nn import DeepControl2d
 from ..options import PassContext
-from ..rules import BATCHNORM_MODULES, FOLDABLE_CONV_MODULES
+from ..rules import FOLDABLE_CONV_MODULES, is_batchnorm
 from .fold_bn import bn_scale_shift
 
 
@@ -18,7 +18,7 @@ def _conv_output(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Each eval-mode BatchNorm (exact types, running statistics present) whose input is a
+    """Each eval-mode BatchNorm (``rules.is_batchnorm``, running statistics present) whose input is a
     conv's output becomes ``DeepControl2d`` with ``alpha = 0`` and the BN's eval scale and
     shift (``alpha`` is learnable afterwards). The conv itself is left unfolded, whatever
     else reads it. Other BNs (pre-activation, after an add or a linear) are left to
@@ -26,7 +26,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     Preserves: eval-mode outputs up to float rounding (scale and shift in float64).
     """
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or type(gm.get_submodule(node.target)) not in BATCHNORM_MODULES:
+        if node.op != "call_module" or not is_batchnorm(gm.get_submodule(node.target)):
             continue
         bn = gm.get_submodule(node.target)
         if bn.running_mean is None or bn.running_var is None:

@@ -10,7 +10,7 @@ from ..analysis import call_site_counts, own_module, reads_input, shape_of
 from ..errors import UnsupportedModelError
 from ..nn import ChannelAffine
 from ..options import PassContext
-from ..rules import BATCHNORM_MODULES, CAT_FUNCTIONS, CONV_TRANSPOSE_MODULES, FOLDABLE_CONV_MODULES
+from ..rules import CAT_FUNCTIONS, CONV_TRANSPOSE_MODULES, FOLDABLE_CONV_MODULES, batchnorm_channels, is_batchnorm
 
 FOLDED_BN = "lnc_folded_bn"  # node meta: the BN folded into this conv / linear (read by the normprop pass)
 
@@ -76,7 +76,8 @@ def _foldable_producers(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> 
     into: its direct producer, or each input of a channel ``cat`` of single-use convs
     (MixNet's mixed convolutions). Empty when the BN cannot be folded."""
     producer = bn_node.args[0]
-    module = _foldable_module(gm, producer, bn.num_features)
+    channels = batchnorm_channels(bn)
+    module = _foldable_module(gm, producer, channels)
     if module is not None:
         return [(producer, module, 0)]
     if not (isinstance(producer, fx.Node) and producer.target in CAT_FUNCTIONS and len(producer.users) == 1):
@@ -92,11 +93,12 @@ def _foldable_producers(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> 
             return []
         found.append((part, module, start))
         start += shape[1]
-    return found if start == bn.num_features else []
+    return found if start == channels else []
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Remove every eval-mode BatchNorm module (exact types only):
+    """Remove every eval-mode BatchNorm module (``rules.is_batchnorm``: the exact nn types and
+    frozen BatchNorms of any class):
 
     1. fold into the conv/linear producing its input when that output feeds only the BN, or
        into each conv of a channel concatenation of such convs;
@@ -113,7 +115,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if reads_input(node):  # else it standardises a weight: not a BatchNorm of activations
                 ctx.report.bn(node.name, "kept", "functional batch_norm call (not a module)")
             continue
-        if node.op != "call_module" or type(gm.get_submodule(node.target)) not in BATCHNORM_MODULES:
+        if node.op != "call_module" or not is_batchnorm(gm.get_submodule(node.target)):
             continue
         bn = gm.get_submodule(node.target)
         if bn.running_mean is None or bn.running_var is None:

@@ -1,0 +1,152 @@
+"""Partial conversion: the traceable parts of a model fx cannot trace as a whole, converted in
+place, the whole model verified on its outputs. One model per torchvision task at small sizes."""
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+import lnconvert
+from lnconvert.cli import app
+from lnconvert.errors import TraceError, UsageError
+from lnconvert.rules import is_batchnorm_like
+from lnconvert.testing import randomize_batchnorm
+from lnconvert.trace import default_example_inputs
+from lnconvert.verify import compare
+from tests import bad_models
+
+
+def remaining(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_batchnorm_like(m)]
+
+
+def independent_parity(original, converted, inputs) -> float:
+    """Max rel error of every output tensor, recomputed here in float32 (not from the report)."""
+    rows = compare(original, converted, [("check", inputs)], tolerance=1.0, precision="float32")
+    return max(r.max_rel for r in rows)
+
+
+def test_untraceable_model_converts_its_traceable_parts():
+    net = bad_models.untraceable()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(TraceError, match="--partial"):
+        lnconvert.convert(net, example_inputs=x)
+    result = lnconvert.convert(net, example_inputs=x, partial=True)
+    report = result.report
+    assert report.status == "exact" and report.max_rel_error <= 1e-5
+    assert [(p["module"], p["action"]) for p in report.parts] == [("body", "converted")]
+    assert {b["action"] for b in report.batchnorm} == {"folded"} and not remaining(result.model)
+    assert any("whole model not traceable" in w for w in report.warnings)
+    assert independent_parity(net, result.model, (x,)) <= 1e-5
+    assert not remaining(result.model) and remaining(net)  # the caller's model is untouched
+
+
+def test_named_submodules_only_and_what_stays_is_reported():
+    model = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    randomize_batchnorm(model, torch.randn(4, 3, 64, 64))
+    result = lnconvert.convert(model, example_inputs=x, submodules=["backbone"])
+    assert [(p["module"], p["action"]) for p in result.report.parts] == [("backbone", "converted")]
+    kept = [b["name"] for b in result.report.batchnorm if b["action"] == "kept"]
+    assert kept == remaining(result.model) and all(n.startswith("classifier.") for n in kept) and kept
+    assert result.report.status == "partial" and result.report.max_rel_error <= 1e-5
+    assert independent_parity(model, result.model, (x,)) <= 1e-5
+    with pytest.raises(UsageError, match="no submodule 'backbnoe'.*its children: backbone, classifier"):
+        lnconvert.convert(model, example_inputs=x, submodules=["backbnoe"])
+
+
+def test_detection_whole_output_parity():
+    """Faster R-CNN: backbone + FPN converted, RPN / RoI heads / NMS kept. Boxes, scores and
+    labels compared after NMS (score threshold 0 so every image has detections). Tolerances,
+    float32 here (float64 in lnconvert's own check): boxes 1e-4 of the largest coordinate and
+    scores 1e-4 absolute (box decoding and softmax amplify the folded weights' float32
+    rounding); labels must match exactly."""
+    model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
+                                         weights_backbone=None, box_score_thresh=0.0, min_size=64, max_size=64,
+                                         rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=50,
+                                         box_detections_per_img=20).eval()
+    (images,) = default_example_inputs(model, input_size=(3, 64, 80))
+    randomize_batchnorm(model, (images,))
+    result = lnconvert.convert(model, example_inputs=(images,), partial=True, tolerance=1e-4)
+    parts = {p["module"]: p["action"] for p in result.report.parts}
+    assert parts == {"backbone": "converted"} and not remaining(result.model)
+    with torch.no_grad():
+        expected, got = model(images), result.model(images)
+    assert all(len(e["boxes"]) > 0 for e in expected)
+    for e, g in zip(expected, got):
+        assert torch.equal(e["labels"], g["labels"])
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=0, atol=1e-4 * max(1.0, float(e["boxes"].abs().max())))
+        torch.testing.assert_close(g["scores"], e["scores"], rtol=0, atol=1e-4)
+
+
+def test_video_model_converts_whole_on_a_tiny_clip():
+    model = torchvision.models.get_model("r3d_18", weights=None).eval()
+    clip = default_example_inputs(model, input_size=(3, 4, 32, 32))
+    randomize_batchnorm(model, clip)
+    result = lnconvert.convert(model, example_inputs=clip, partial=True)  # traceable: no parts needed
+    assert result.report.parts is None and result.report.status == "exact" and not remaining(result.model)
+    assert independent_parity(model, result.model, clip) <= 1e-5
+
+
+def test_cli_partial_needs_no_save_and_lists_the_parts():
+    runner = CliRunner()
+    refused = runner.invoke(app, ["tests.bad_models:untraceable", "--partial", "--input-size", "3,16,16"])
+    assert refused.exit_code == 2 and "--no-save" in refused.stderr
+    done = runner.invoke(app, ["tests.bad_models:untraceable", "--partial", "--no-save", "--input-size", "3,16,16"])
+    assert done.exit_code == 0, done.stderr
+    assert "part converted" in done.stdout and "body" in done.stdout and "exact" in done.stdout
+
+
+class Opaque(torch.nn.Module):
+    """conv-BN-ReLU kept as an opaque leaf of the whole model (as timm keeps its non-traceable layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def test_bn_inside_an_opaque_leaf_is_converted_on_its_own():
+    net = torch.nn.Sequential(Opaque(), torch.nn.Conv2d(6, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    randomize_batchnorm(net, x)
+    whole = lnconvert.convert(net, example_inputs=x, leaf_modules=["0"])
+    assert whole.report.status == "partial" and lnconvert.remaining_batchnorm(whole.model) == ["0.bn"]
+    result = lnconvert.convert(net, example_inputs=x, leaf_modules=["0"], partial=True)
+    assert [(p["module"], p["action"]) for p in result.report.parts] == [("0", "converted")]
+    assert result.report.status == "exact" and not lnconvert.remaining_batchnorm(result.model)
+    assert {b["name"]: b["action"] for b in result.report.batchnorm} == {"0.bn": "folded", "2": "folded"}
+    assert independent_parity(net, result.model, (x,)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_timm_efficientvit_m0_non_traceable_leaves_lose_every_batchnorm():
+    """Before partial conversion 54 of its 113 BatchNorms stayed inside LocalWindowAttention."""
+    import timm
+
+    model = timm.create_model("efficientvit_m0", pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    randomize_batchnorm(model, torch.randn(4, 3, 64, 64))
+    result = lnconvert.convert(model, example_inputs=x, partial=True)
+    assert result.report.status == "exact" and not lnconvert.remaining_batchnorm(result.model)
+    assert independent_parity(model, result.model, (x,)) <= 1e-4
+
+
+def test_batchnorm_left_inside_a_converted_part_is_counted():
+    """A part that is a BatchNorm alone traces to a functional batch_norm call, which stays:
+    the whole model's count must still see it inside the part."""
+    from lnconvert.trace import trace
+
+    class FunctionalBN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(3))
+            self.register_buffer("var", torch.ones(3))
+
+        def forward(self, x):
+            return torch.nn.functional.batch_norm(x, self.mean, self.var, training=False)
+
+    part = torch.fx.symbolic_trace(FunctionalBN())
+    whole = trace(torch.nn.Sequential(part, torch.nn.ReLU()).eval(), ["0"])
+    assert [n for n in lnconvert.remaining_batchnorm(whole)] == ["0.batch_norm"]
