@@ -299,6 +299,91 @@ def test_python_dash_m_lnconvert(tmp_path, monkeypatch, capsys):
     assert exit.value.code == 2 and capsys.readouterr().err.startswith("error: recipe not found")
 
 
+# --- the transfer recipe: each (arm, batch size) task fine-tunes data parallel ------------------
+TRANSFER_REDUCED = ["threads=1", "data.size=8", "model.widths=[4,8]", "model.blocks=1", "pretrain.epochs=2",
+                    "split.target_test=120", "samples=6", "curve_points=2", "seeds=[0]", "lr_grid=[0.001]",
+                    "twin_lr_factors=[1,10]", "batch_sizes=[1,3]",  # 3: rows 2 + 1 (weights 4/3, 2/3); 1: rank 1 idle
+                    "arms=[no-finetune, bn-frozen, linked-mirror, bn-train]"]
+SAME_ON_ANY_WORLD_SIZE = ("no-finetune", "bn-frozen", "linked-mirror")
+
+
+def _cli_sets(overrides: list[str]) -> list[str]:
+    return [a for s in overrides for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def transfer_two_and_one(tmp_path_factory):
+    """The reduced transfer recipe run by 2 forked ranks and by this process, both fine-tuning the
+    model the 2 ranks pretrained (BN pretraining normalises with each rank's rows, so a model
+    pretrained by one process differs: the one-process run resumes the 2-process checkpoint)."""
+    tmp = tmp_path_factory.mktemp("ddp-transfer")
+    args = [str(RECIPES / "transfer-digits.yaml"), "--out", str(tmp / "two"), *_cli_sets(TRANSFER_REDUCED)]
+    codes = _join(_start(_cli_rank(tmp, lambda rank: args)), timeout=300)
+    assert codes == [0, 0], _errors(tmp)
+    pretrained = tmp / "one" / "checkpoints" / "pretrain.pt"
+    pretrained.parent.mkdir(parents=True)
+    pretrained.write_bytes((tmp / "two" / "checkpoints" / "pretrain.pt").read_bytes())
+    single = run_recipe(RECIPES / "transfer-digits.yaml", out=tmp / "one", overrides=TRANSFER_REDUCED, console=QUIET)
+    return tmp, json.loads((tmp / "two" / "metrics.json").read_text()), single
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= REL * abs(b)
+
+
+def test_transfer_on_two_processes_gives_the_one_process_results(transfer_two_and_one):
+    tmp, two, one = transfer_two_and_one
+    assert (two["world_size"], two["backend"], one["world_size"], one["backend"]) == (2, "gloo", 1, None)
+    assert two["per_rank_statistics"] == ["bn-train"] and one["per_rank_statistics"] == []
+    assert [(r["arm"], r["batch_size"]) for r in two["runs"]] == [(r["arm"], r["batch_size"]) for r in one["runs"]]
+    assert _close(two["source_test_accuracy"], one["source_test_accuracy"])  # the same pretrained model
+    one_flip = 1.0 / two["sizes"]["target_test"] + 1e-12  # a near-tie argmax may flip within the tolerance
+    for got, expected in zip(two["runs"], one["runs"]):
+        assert got["steps"] == expected["steps"] and got["samples_seen"] == expected["samples_seen"]
+        if got["arm"] not in SAME_ON_ANY_WORLD_SIZE:
+            assert 0.0 <= got["test_accuracy"] <= 1.0 and got["finite"]  # bn-train: per-rank statistics
+            continue
+        key = (got["arm"], got["batch_size"])
+        assert _close(got["test_loss"], expected["test_loss"]), key
+        assert abs(got["test_accuracy"] - expected["test_accuracy"]) <= one_flip, key
+        if got["steps"]:
+            assert _close(got["final_train_loss"], expected["final_train_loss"]), key
+            for (n, a), (m, b) in zip(got["curve"], expected["curve"], strict=True):
+                assert n == m and abs(a - b) <= one_flip, key
+    for got, expected in zip(two["selection"], one["selection"]):  # the same validation losses choose the same lr
+        assert [(g["lr"], g["twin_lr"]) for g in got["grid"]] == [(g["lr"], g["twin_lr"]) for g in expected["grid"]]
+        for g, e in zip(got["grid"], expected["grid"]):
+            if got["arm"] in SAME_ON_ANY_WORLD_SIZE:
+                assert _close(g["val_loss"], e["val_loss"]), got["arm"]
+    # fine-tuning moved the model, so agreeing is not agreeing on the pretrained function
+    floor = {r["batch_size"]: r["test_loss"] for r in one["runs"] if r["arm"] == "no-finetune"}
+    tuned = [r for r in one["runs"] if r["arm"] == "linked-mirror"]
+    assert all(abs(r["test_loss"] - floor[r["batch_size"]]) > 100 * REL * floor[r["batch_size"]] for r in tuned)
+    assert (tmp / "two" / "transfer.png").is_file() and not list((tmp / "two").rglob(".*.tmp*"))
+
+
+def test_transfer_stores_bn_train_apart_from_one_process_results(transfer_two_and_one):
+    from lnconvert.recipes.config import load_recipe
+    from lnconvert.recipes.transfer import cached_result
+
+    tmp, two, _ = transfer_two_and_one
+    config = load_recipe(RECIPES / "transfer-digits.yaml", TRANSFER_REDUCED)
+    pretrained = tmp / "two" / "checkpoints" / "pretrain.pt"
+    assert (pretrained.parent / "bn-train-bs3.json").is_file()
+    # one process reuses the 2-process results except bn-train's (its batch statistics were per rank)
+    assert cached_result(config, "bn-train", 3, pretrained) is None
+    assert cached_result(config, "linked-mirror", 3, pretrained)["runs"] == [
+        r for r in two["runs"] if (r["arm"], r["batch_size"]) == ("linked-mirror", 3)]
+
+
+def test_transfer_refuses_jobs_under_torchrun(tmp_path):
+    args = [str(RECIPES / "transfer-digits.yaml"), "--out", str(tmp_path / "run"), "--jobs", "2"]
+    codes = _join(_start(_cli_rank(tmp_path, lambda rank: args)), timeout=120)
+    assert codes == [2, 2]
+    (message,) = _errors(tmp_path)
+    assert "jobs 2 cannot be combined with torchrun" in message
+
+
 # --- the torchrun command itself ---------------------------------------------------------------
 @pytest.mark.slow
 def test_torchrun_runs_the_digits_recipe_on_two_processes(tmp_path):  # ~1 min on 2 shared cores

@@ -19,6 +19,12 @@ of target samples at each batch size:
 
 Learning rates (and twin learning rates) are chosen per arm and batch size on a validation
 split of the target training data, never on the test set.
+
+Under ``torchrun`` the (arm, batch size) tasks run one after another, each fine-tuning data
+parallel (:mod:`.distributed`: ``batch_sizes`` are global batches) with the same results as
+one process, except ``bn-train``: its BatchNorm layers normalise with each rank's own rows
+(DistributedDataParallel without SyncBatchNorm, which needs GPUs), so its result depends on
+the number of processes and is stored apart from one-process results.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from torch.utils.data import TensorDataset
 
 from ..convert import convert
 from ..finetune import param_groups
+from . import distributed
 from .config import RecipeError, fingerprint
 from .nets import DigitsResNet
 from .output import _figure, _save, plot_bands, run_tasks, table, write_json
@@ -47,6 +54,7 @@ CONVERTED = {"folded": {"link": False}, "normprop": {"norm": "normprop", "link":
              "deep-control": {"norm": "deep-control", "link": False}, **LINKED}
 BN_ARMS = ("bn-train", "bn-frozen", "groupnorm")
 ARMS = ("no-finetune", *BN_ARMS, *CONVERTED)
+PER_RANK_STATISTICS = ("bn-train",)  # under torchrun: normalised with each rank's rows, not the global batch
 
 
 # --- data --------------------------------------------------------------------------------
@@ -206,19 +214,23 @@ def finetune(arm: str, pretrained: nn.Module, data: dict[str, TensorDataset], ba
               "samples_seen": 0, "ms_per_step": None, "peak_step_bytes": None}
     if arm != "no-finetune":
         optimizer = optimizer_for(arm, model, cfg["optimizer"], lr, twin_lr)
+        trainer = distributed.wrap(model)  # the model itself in one process
+        rows, weight = distributed.batch_part(batch_size)
         model.train()
         if after_train:
             after_train(model)
         step, seconds, losses, epoch = 0, 0.0, [], 0
         while step < steps:
-            for x, y in epoch_batches(train, batch_size, seed, epoch):
+            for x, y in epoch_batches(train, batch_size, seed, epoch, rows=rows):
                 start = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(trainer(x), y)
+                if weight != 1.0:  # uneven shares of the global batch (see distributed.batch_part)
+                    loss = loss * weight
                 loss.backward()
                 optimizer.step()
                 seconds += time.perf_counter() - start
-                losses.append(float(loss.detach()))
+                losses.append(float(distributed.average(loss.detach())))  # the global batch's loss
                 step += 1
                 if step in at and step > 0:
                     curve.append([step * batch_size, evaluate(model, data[eval_on])["accuracy"]])
@@ -228,7 +240,8 @@ def finetune(arm: str, pretrained: nn.Module, data: dict[str, TensorDataset], ba
                 if step == steps:
                     break
             epoch += 1
-        x, y = next(epoch_batches(train, batch_size, seed, 0))
+        distributed.sync_from_main(model)  # bn-train: running statistics of rank 0 on every rank
+        x, y = next(epoch_batches(train, batch_size, seed, 0))  # the global batch: memory of one process
         result.update(steps=steps, samples_seen=steps * batch_size, ms_per_step=1e3 * seconds / steps,
                       final_train_loss=statistics.fmean(losses[-max(1, steps // 10):]),
                       finite=all(v == v and abs(v) != float("inf") for v in losses))
@@ -252,10 +265,13 @@ def _grid(arm: str, cfg: dict[str, Any]) -> list[tuple[float, float | None]]:
 
 
 def task_key(cfg: dict[str, Any], arm: str, batch_size: int) -> str:
-    """Everything one (arm, batch size) result depends on (not ``arms``, ``batch_sizes``, ``jobs``)."""
+    """Everything one (arm, batch size) result depends on (not ``arms``, ``batch_sizes``, ``jobs``;
+    the number of processes only for ``bn-train``, whose batch statistics are per rank)."""
     keys = ("data", "shift", "split", "model", "pretrain", "seed", "samples", "curve_points", "optimizer", "lr_grid",
             "twin_lr_factors", "seeds", "selection_seed")
-    return fingerprint({k: cfg[k] for k in keys}, arm, batch_size)
+    world_size = distributed.current().world_size
+    per_rank = {"world_size": world_size} if arm in PER_RANK_STATISTICS and world_size > 1 else {}
+    return fingerprint({**{k: cfg[k] for k in keys}, **per_rank}, arm, batch_size)
 
 
 def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Path, resume: bool = True
@@ -268,14 +284,16 @@ def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Pat
 
     from ..io import atomic_path
 
-    previous = cached_result(cfg, arm, batch_size, pretrained_path) if resume else None
+    previous = distributed.from_main(lambda: cached_result(cfg, arm, batch_size, pretrained_path) if resume else None)
     if previous is not None:
         return previous
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     data = transfer_data(cfg)
     pretrained = pretrained_model(cfg)
-    pretrained.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True)["model"])
+    # rank 0 wrote it; the other ranks may be on machines without it
+    pretrained.load_state_dict(distributed.from_main(
+        lambda: torch.load(pretrained_path, map_location="cpu", weights_only=True)["model"]))
     pretrained.eval()
     samples, points = int(cfg["samples"]), int(cfg["curve_points"])
     candidates = [finetune(arm, pretrained, data, batch_size, samples, lr, twin_lr, cfg["selection_seed"], cfg,
@@ -291,8 +309,9 @@ def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Pat
     result = {"arm": arm, "batch_size": batch_size, "runs": runs,
               "selection": [{"lr": c["lr"], "twin_lr": c["twin_lr"], "val_accuracy": c["val_accuracy"],
                              "val_loss": c["val_loss"]} for c in candidates]}
-    with atomic_path(_cache_path(arm, batch_size, pretrained_path)) as tmp:
-        Path(tmp).write_text(json.dumps({"fingerprint": task_key(cfg, arm, batch_size), "result": result}))
+    if distributed.is_main():
+        with atomic_path(_cache_path(arm, batch_size, pretrained_path)) as tmp:
+            Path(tmp).write_text(json.dumps({"fingerprint": task_key(cfg, arm, batch_size), "result": result}))
     return result
 
 
@@ -323,6 +342,9 @@ def _check(cfg: dict[str, Any]) -> None:
         raise RecipeError(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
     if not isinstance(cfg["jobs"], int) or cfg["jobs"] < 1:
         raise RecipeError(f"jobs must be a positive integer, got {cfg['jobs']!r}")
+    if cfg["jobs"] > 1 and distributed.current().active:
+        raise RecipeError(f"jobs {cfg['jobs']} cannot be combined with torchrun (each task is already data "
+                          f"parallel): use jobs 1, or run without torchrun")
     if not cfg["seeds"] or not all(isinstance(s, int) for s in cfg["seeds"]):
         raise RecipeError(f"seeds must be a non-empty list of integers, got {cfg['seeds']!r}")
 
@@ -341,6 +363,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+@distributed.main_only
 def plot_transfer(runs: list[dict[str, Any]], batch_sizes: list[int], path: Path, title: str) -> None:
     """Target test accuracy vs target samples seen, one panel per batch size: mean over seeds,
     band min..max; the no-finetune floor as a dotted line."""
@@ -361,6 +384,7 @@ def plot_transfer(runs: list[dict[str, Any]], batch_sizes: list[int], path: Path
     _save(plt, fig, path)
 
 
+@distributed.data_parallel
 def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> dict[str, Any]:
     """Pretrain on the source domain, measure how far the BN statistics move on the target
     domain, then fine-tune every arm at every batch size (``jobs`` (arm, batch size) tasks at a
@@ -392,8 +416,8 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
     limit = cfg["time_limit_minutes"]
     deadline = None if limit is None else started + 60.0 * float(limit)
 
-    def in_time() -> bool:
-        return deadline is None or time.perf_counter() < deadline
+    def in_time() -> bool:  # rank 0's clock decides for every rank, so all run the same tasks
+        return distributed.from_main(lambda: deadline is None or time.perf_counter() < deadline)
 
     def done(result: dict[str, Any]) -> None:
         results.append(result)
@@ -404,7 +428,8 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
                       f"(lr {best['lr']:g}, twin_lr {best['twin_lr']}) ({len(results)}/{len(tasks)})")
 
     # stored results first (they cost nothing and do not count against the time limit)
-    stored = {task: cached_result(cfg, *task, path) if resume else None for task in tasks}
+    stored = distributed.from_main(lambda: {task: cached_result(cfg, *task, path) if resume else None
+                                            for task in tasks})
     for result in stored.values():
         if result is not None:
             done(result)
@@ -423,7 +448,9 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
                "bn_input_shift": shift, "threads": cfg["threads"], "torch": torch.__version__,
                "summary": summary, "selection": [{"arm": r["arm"], "batch_size": r["batch_size"],
                                                   "grid": r["selection"]} for r in results],
-               "runs": runs, "not_run": not_run, "time_limit_minutes": limit,
+               "runs": runs, "not_run": not_run, "time_limit_minutes": limit, **distributed.describe(),
+               "per_rank_statistics": [a for a in cfg["arms"] if a in PER_RANK_STATISTICS]
+               if distributed.current().active else [],
                "files": {"metrics": "metrics.json", "plot": "transfer.png"},
                "seconds": time.perf_counter() - started}
     write_json(out / "metrics.json", metrics)
