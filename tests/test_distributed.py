@@ -303,8 +303,8 @@ def test_python_dash_m_lnconvert(tmp_path, monkeypatch, capsys):
 TRANSFER_REDUCED = ["threads=1", "data.size=8", "model.widths=[4,8]", "model.blocks=1", "pretrain.epochs=2",
                     "split.target_test=120", "samples=6", "curve_points=2", "seeds=[0]", "lr_grid=[0.001]",
                     "twin_lr_factors=[1,10]", "batch_sizes=[1,3]",  # 3: rows 2 + 1 (weights 4/3, 2/3); 1: rank 1 idle
-                    "arms=[no-finetune, bn-frozen, linked-mirror, bn-train]"]
-SAME_ON_ANY_WORLD_SIZE = ("no-finetune", "bn-frozen", "linked-mirror")
+                    "arms=[no-finetune, bn-frozen, groupnorm, linked-mirror, bn-train]"]
+SAME_ON_ANY_WORLD_SIZE = ("no-finetune", "bn-frozen", "groupnorm", "linked-mirror")
 
 
 def _cli_sets(overrides: list[str]) -> list[str]:
