@@ -54,10 +54,30 @@ def register_rule(key: Any, kind: Kind | str, *, name: str = "", op: str = "") -
     _RULES[key] = Rule(Kind(kind), name, op)
 
 
+# the methods through which an nn layer computes: a subclass that overrides none of them computes
+# what its base computes
+_COMPUTING_METHODS = ("forward", "_conv_forward")
+
+
+def layer_type(module: nn.Module) -> type:
+    """The type the rules see for ``module``: its own, or, for an unregistered subclass that
+    inherits its registered base's computation unchanged (torchvision's ``Conv3DSimple`` only adds
+    a static method to ``nn.Conv3d``), that base. A subclass that overrides ``forward`` (timm's
+    ``BatchNormAct2d`` adds an activation) keeps its own type and needs a rule of its own."""
+    cls = type(module)
+    if cls in _RULES:
+        return cls
+    for base in cls.__mro__[1:]:
+        if base in _RULES:
+            inherited = all(getattr(cls, m, None) is getattr(base, m, None) for m in _COMPUTING_METHODS)
+            return base if inherited else cls
+    return cls
+
+
 def rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        rule = _RULES.get(type(module))
+        rule = _RULES.get(layer_type(module))
         return rule if rule is not None or not is_frozen_batchnorm(module) else _FROZEN_BATCHNORM_RULE
     if node.op in ("call_function", "call_method"):
         try:
@@ -185,7 +205,7 @@ def is_frozen_batchnorm(module: nn.Module) -> bool:
 def is_batchnorm(module: nn.Module) -> bool:
     """The one definition of a BatchNorm lnconvert removes: the exact ``nn.BatchNorm1d/2d/3d``
     types (a subclass may do more, e.g. add an activation) or a frozen BatchNorm of any class."""
-    return type(module) in BATCHNORM_MODULES or is_frozen_batchnorm(module)
+    return layer_type(module) in BATCHNORM_MODULES or is_frozen_batchnorm(module)
 
 
 def is_batchnorm_like(module: nn.Module) -> bool:

@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .rules import _RULES, ACTIVATION_MODULES, is_frozen_batchnorm
+from .rules import _RULES, ACTIVATION_MODULES, is_frozen_batchnorm, layer_type
 
 
 def _timm_notrace() -> tuple[set[type], list[Any]]:
@@ -32,7 +32,7 @@ class ConvertTracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in self.leaf_types or module_qualified_name in self.leaf_names or is_frozen_batchnorm(m):
+        if layer_type(m) in self.leaf_types or module_qualified_name in self.leaf_names or is_frozen_batchnorm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -84,6 +84,8 @@ def test_video_model_converts_whole_on_a_tiny_clip():
     randomize_batchnorm(model, clip)
     result = lnconvert.convert(model, example_inputs=clip, partial=True)  # traceable: no parts needed
     assert result.report.parts is None and result.report.status == "exact" and not remaining(result.model)
+    # Conv3DSimple is an nn.Conv3d subclass that keeps its computation: every BN folds into one
+    assert {b["action"] for b in result.report.batchnorm} == {"folded"}
     assert independent_parity(model, result.model, clip) <= 1e-5
 
 

@@ -10,7 +10,14 @@ from ..analysis import call_site_counts, own_module, reads_input, shape_of
 from ..errors import UnsupportedModelError
 from ..nn import ChannelAffine
 from ..options import PassContext
-from ..rules import CAT_FUNCTIONS, CONV_TRANSPOSE_MODULES, FOLDABLE_CONV_MODULES, batchnorm_channels, is_batchnorm
+from ..rules import (
+    CAT_FUNCTIONS,
+    CONV_TRANSPOSE_MODULES,
+    FOLDABLE_CONV_MODULES,
+    batchnorm_channels,
+    is_batchnorm,
+    layer_type,
+)
 
 FOLDED_BN = "lnc_folded_bn"  # node meta: the BN folded into this conv / linear (read by the normprop pass)
 
@@ -63,9 +70,9 @@ def _foldable_module(gm: fx.GraphModule, producer: fx.Node, channels: int) -> nn
     if not isinstance(producer, fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
         return None
     module = gm.get_submodule(producer.target)
-    if type(module) in FOLDABLE_CONV_MODULES:
+    if layer_type(module) in FOLDABLE_CONV_MODULES:
         return module if module.out_channels == channels else None
-    if type(module) is nn.Linear:
+    if layer_type(module) is nn.Linear:
         out = shape_of(producer)
         return module if out is not None and len(out) == 2 and module.out_features == channels else None
     return None

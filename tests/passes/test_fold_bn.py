@@ -49,6 +49,31 @@ def test_bn_after_timm_conv2dsame_folds_instead_of_becoming_an_affine():
     assert outputs_match(before, gm, ctx.example_inputs[0])
 
 
+class _Conv3dWithAHelper(nn.Conv3d):
+    """As torchvision's Conv3DSimple (r3d_18): a conv subclass that adds a static method only."""
+
+    @staticmethod
+    def stride_for(stride: int) -> tuple[int, int, int]:
+        return stride, stride, stride
+
+
+class _ConvThatComputesMore(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0  # overrides the computation: not a plain conv any more
+
+
+def test_bn_after_a_conv_subclass_that_inherits_forward_folds_into_it():
+    gm, ctx, before = fold(nn.Sequential(_Conv3dWithAHelper(3, 4, 3), nn.BatchNorm3d(4), nn.ReLU()), (2, 3, 5, 5, 5))
+    assert actions(ctx) == [("1", "folded")] and "ChannelAffine" not in module_types(gm)
+    assert outputs_match(before, gm, ctx.example_inputs[0])
+
+
+def test_bn_after_a_conv_subclass_that_overrides_forward_is_not_folded_into_it():
+    gm, ctx, before = fold(nn.Sequential(_ConvThatComputesMore(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    assert ("1", "folded") not in actions(ctx)
+    assert outputs_match(before, gm, ctx.example_inputs[0])
+
+
 class _ConvUsedTwice(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The rule registry: what each op is classified as, exact-type matching, and what has no rule."""
+"""The rule registry: what each op is classified as, how subclasses are matched, and what has no rule."""
 import operator
 
 import pytest
@@ -78,11 +78,23 @@ def test_binary_rules_record_their_operator():
     assert _RULES[operator.add].op == "add" and _RULES[torch.mul].op == "mul" and _RULES["div_"].op == "div"
 
 
-def test_rules_match_exact_types_not_subclasses():
-    class MyConv(nn.Conv2d):  # may do anything in forward: no rule until registered
-        pass
+def test_a_subclass_gets_its_base_rule_only_while_it_inherits_the_computation():
+    class ConvWithAHelper(nn.Conv2d):  # as torchvision's Conv3DSimple: adds a method, same forward
+        @staticmethod
+        def helper() -> int:
+            return 1
 
-    assert kind_of(nn.Sequential(MyConv(2, 2, 1)), "_0") is None
+    class ConvThatComputesMore(nn.Conv2d):  # may do anything in forward: no rule until registered
+        def forward(self, x):
+            return super().forward(x).relu()
+
+    class ConvWithOwnConvForward(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, weight, bias) + 1.0
+
+    assert kind_of(nn.Sequential(ConvWithAHelper(2, 2, 1)), "_0") is Kind.ABSORB
+    assert kind_of(nn.Sequential(ConvThatComputesMore(2, 2, 1)), "_0") is None
+    assert kind_of(nn.Sequential(ConvWithOwnConvForward(2, 2, 1)), "_0") is None
 
 
 def test_timm_batchnormact_subclasses_bn_but_is_no_batchnorm_rule():
