@@ -25,7 +25,10 @@ def test_import_path_source_converts_saves_and_reloads_by_name(tmp_path):
                            "3,16,16", "-o", str(target)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert io.read_spec(target)["source"] == TINY
-    loaded = load_model(str(target))  # rebuilt from the spec: the import path, the options, the weights
+    with pytest.raises(ModelSourceError, match="trust"):  # the file names code to import: refused by default
+        load_model(str(target))
+    # rebuilt from the spec once trusted: the import path, the options, the weights
+    loaded = load_model(str(target), trust_source=True)
     expected = lnconvert.convert(load_model(TINY, str(weights)), example_inputs=x).model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), expected(x))
