@@ -61,6 +61,7 @@ def test_bad_input_gives_one_line_and_exit_code(args, code, message):
     assert len(errors) == 1
 
 
+@pytest.mark.slow  # 5 subprocess conversions; checkpoint layouts through the CLI stay in test_checkpoints.py
 def test_weight_files(tmp_path):
     model = torchvision.models.resnet18()
     wrapped = tmp_path / "ckpt.pth"

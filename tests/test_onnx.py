@@ -27,8 +27,10 @@ from lnconvert.nn import (
 
 from .conftest import prepared
 
-MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "shufflenet_v2_x0_5",
-          "timm/resnet18d", "timm/mobilenetv3_small_050"]
+# dense, depthwise with SE and hardswish, SiLU with SE, timm by default; the rest in the slow stage
+MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "timm/mobilenetv3_small_050",
+          *(pytest.param(name, marks=pytest.mark.slow)
+            for name in ("densenet121", "shufflenet_v2_x0_5", "timm/resnet18d"))]
 
 
 @pytest.mark.parametrize("name", MODELS)

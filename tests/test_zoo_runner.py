@@ -28,6 +28,7 @@ def subset_run(tmp_path_factory):
     return prefix, rows
 
 
+@pytest.mark.slow  # 8 child conversions (85 s); the default run keeps the one-model ONNX column test
 def test_subset_rows_columns_and_statuses(subset_run):
     prefix, rows = subset_run
     with open(f"{prefix}.csv", newline="") as handle:
@@ -55,6 +56,7 @@ def test_subset_rows_columns_and_statuses(subset_run):
     assert all(f"| {name} |" in md for name in SUBSET)
 
 
+@pytest.mark.slow  # shares the 8-model subset run
 def test_resume_skips_done_rows_and_rerun_replaces_them(subset_run):
     prefix, _ = subset_run
     rows = read_rows(f"{prefix}.csv")
