@@ -176,3 +176,24 @@ def test_cli_converts_tutorial_checkpoint_and_explains_ambiguity(tmp_path, sourc
     assert result.exit_code == 3 and len(errors) == 1 and "--weights-key KEY" in errors[0]
     result = runner.invoke(app, [*common, "--weights", str(ema), "--weights-key", "state_dict_ema"])
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("layout", ["lightning", "ema only", "hugging face directory", "sharded directory"])
+def test_cli_converts_checkpoints_as_found(tmp_path, source, layout):
+    """The CLI reads the same layouts as the API (the tutorial layout is in the test above)."""
+    model, optimizer = source
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if layout == "hugging face directory":
+        save_file(state, str(tmp_path / "model.safetensors"))
+        weights = tmp_path
+    elif layout == "sharded directory":
+        write_shards(tmp_path, state)
+        weights = tmp_path
+    else:
+        weights = tmp_path / "checkpoint.ckpt"
+        torch.save(layouts(model, optimizer)[layout], weights)
+    result = CliRunner().invoke(app, ["convert", "resnet18", "--input-size", "3,32,32", "--no-save",
+                                      "--weights", str(weights)])
+    assert result.exit_code == 0, result.stderr
+    # without --weights the CLI says it converts the architecture's own (random) initialisation
+    assert "exact" in result.stdout and "own (random) initialisation" not in result.stderr
