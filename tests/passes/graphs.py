@@ -59,6 +59,26 @@ def until(gm: fx.GraphModule, ctx: PassContext, step: str) -> tuple[fx.GraphModu
     return gm, plan
 
 
+def run_planned_pass(net: nn.Module, step: str, shape: tuple[int, ...] = (2, 3, 8, 8),
+                     **options) -> tuple[fx.GraphModule, PassContext, LinkPlan | None]:
+    """``net`` traced, taken through the steps before ``step``, then ``step`` itself (a pass that
+    takes the link plan: link, widen, boundaries, relayout)."""
+    gm, ctx = traced(net, shape, **options)
+    gm, plan = until(gm, ctx, step)
+    return getattr(passes, step).run(gm, ctx, plan), ctx, plan
+
+
+class BnAfterAdd(nn.Module):
+    """A BN whose producer is an add of two convs: nothing to fold into, no single conv output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x) + self.b(x))
+
+
 def module_types(gm: fx.GraphModule) -> Counter:
     """How many call sites of each module type the graph has (what a pass fired on)."""
     return Counter(type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module")

@@ -2,16 +2,13 @@
 import torch
 from torch import nn
 
-from lnconvert import passes
 from lnconvert.nn import ChannelSelect, GatedMerge
 
-from .graphs import module_types, traced, until
+from .graphs import module_types, run_planned_pass
 
 
 def bounded(net, shape=(2, 3, 8, 8), **options):
-    gm, ctx = traced(net, shape, **options)
-    gm, plan = until(gm, ctx, "boundaries")
-    return passes.boundaries.run(gm, ctx, plan), ctx, plan
+    return run_planned_pass(net, "boundaries", shape, **options)
 
 
 class _TwoResiduals(nn.Module):

@@ -7,7 +7,7 @@ from torch import nn
 
 from lnconvert import passes
 
-from .graphs import module_types, outputs_match, traced, until
+from .graphs import BnAfterAdd, module_types, outputs_match, traced, until
 
 
 def control(net, shape=(2, 3, 8, 8)):
@@ -42,17 +42,8 @@ def test_bn_after_timm_conv2dsame_is_controlled():
     assert outputs_match(before, gm, ctx.example_inputs[0])
 
 
-class _BnAfterAdd(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return self.bn(self.a(x) + self.b(x))
-
-
 @pytest.mark.parametrize("net,shape", [
-    (_BnAfterAdd(), (2, 3, 8, 8)),
+    (BnAfterAdd(), (2, 3, 8, 8)),
     (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)), (2, 3, 8, 8)),      # pre-activation
     (nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), (4, 6)),                # no maps to average
 ])

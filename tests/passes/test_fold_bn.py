@@ -9,7 +9,7 @@ from torch import nn
 from lnconvert import passes
 from lnconvert.errors import UnsupportedModelError
 
-from .graphs import module_types, outputs_match, traced, until
+from .graphs import BnAfterAdd, module_types, outputs_match, traced, until
 
 
 def fold(net, shape=(2, 3, 8, 8), **options):
@@ -84,15 +84,6 @@ class _ConvUsedTwice(nn.Module):
         return self.bn(y) + y  # the conv's output is read elsewhere: folding would change that reader
 
 
-class _BnAfterAdd(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return self.bn(self.a(x) + self.b(x))
-
-
 class _SharedBn(nn.Module):
     def __init__(self):
         super().__init__()
@@ -104,7 +95,7 @@ class _SharedBn(nn.Module):
 
 @pytest.mark.parametrize("net,detail", [
     (_ConvUsedTwice(), "producer is not a conv/linear used only here"),
-    (_BnAfterAdd(), "producer is not a conv/linear used only here"),
+    (BnAfterAdd(), "producer is not a conv/linear used only here"),
     (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)), "producer is not a conv/linear used only here"),
 ])
 def test_bn_that_cannot_fold_becomes_one_affine_and_no_conv_changes(net, detail):

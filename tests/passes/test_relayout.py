@@ -1,15 +1,11 @@
 """relayout on its own: reshapes lose hard-coded widths, splits become channel selections, shuffles vanish."""
 from torch import nn
 
-from lnconvert import passes
-
-from .graphs import functions, module_types, traced, until
+from .graphs import functions, module_types, run_planned_pass
 
 
 def relaid(net, shape=(2, 3, 8, 8), **options):
-    gm, ctx = traced(net, shape, **options)
-    gm, plan = until(gm, ctx, "relayout")
-    return passes.relayout.run(gm, ctx, plan), ctx, plan
+    return run_planned_pass(net, "relayout", shape, **options)
 
 
 class _HardCodedView(nn.Module):
