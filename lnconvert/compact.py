@@ -15,16 +15,18 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .analysis import shape_of
 from .convert import ConversionResult, as_result, convert
 from .errors import UsageError
+from .finetune import merge_twins
 from .layout import Layout
 from .nn import GatedMerge, LinkedActivation
 from .passes.widen import foreign_twins, read_columns, write_columns
@@ -242,6 +244,10 @@ def compact(conversion: ConversionResult | fx.GraphModule | str | Path, *, data:
 
         conversion = load_result(conversion)
     conversion = as_result(conversion, "compact")
+    if any(parametrize.is_parametrized(m) for m in conversion.model.modules()):
+        # fine-tuned with param_groups: compaction reads and writes plain weights, so work on a
+        # merged copy (the caller's split model keeps training as it was)
+        conversion = replace(conversion, model=merge_twins(copy.deepcopy(conversion.model)))
     if conversion.options.lcw:
         raise UsageError("compaction does not support LCW models: the zero-sum constraint couples every weight of "
                          "a unit, so removing twin columns changes the kept ones; compact before applying LCW")

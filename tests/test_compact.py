@@ -71,6 +71,23 @@ def test_fine_tuned_twins_are_kept_and_moved_exactly(residual):
         torch.testing.assert_close(compacted.model(x), result.model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_model_fine_tuned_with_param_groups_compacts_and_keeps_training():
+    # param_groups splits twin weights into parametrized leaves; compaction must see plain
+    # weights (it once failed with "attribute 'weight' already exists") and leave the
+    # caller's split model as it was
+    net = Residual().eval()
+    x = torch.randn(2, 4, 8, 8)
+    result = lnconvert.convert(net, example_inputs=x)
+    optimizer = torch.optim.SGD(lnconvert.param_groups(result.model, base_lr=0.0, twin_lr=0.1), lr=0.1)
+    result.model(x).square().mean().backward()
+    optimizer.step()
+    compacted = compact(result)
+    with torch.no_grad():
+        torch.testing.assert_close(compacted.model(x), result.model(x), rtol=1e-5, atol=1e-5)
+    assert compacted.report.macs_after < compacted.report.macs_before
+    assert any(torch.nn.utils.parametrize.is_parametrized(m) for m in result.model.modules())
+
+
 def test_dead_twins_are_removed_with_data():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     with torch.no_grad():  # channels 0, 1 are always positive: their twins relu(-x) never fire

@@ -13,7 +13,10 @@ from lnconvert.recipes import load_recipe, run_recipe
 from lnconvert.recipes.nets import DigitsResNet
 from lnconvert.recipes.transfer import (
     bn_input_shift,
+    build_arm,
+    finetune,
     freeze_batchnorm_statistics,
+    optimizer_for,
     shift_inputs,
     to_groupnorm,
     transfer_data,
@@ -96,3 +99,41 @@ def test_frozen_bn_keeps_running_statistics_and_groupnorm_replaces_every_bn():
     shift = bn_input_shift(DigitsResNet(1, 10, [4, 8], 1).eval(), *[torch.utils.data.TensorDataset(
         torch.randn(16, 1, 8, 8), torch.zeros(16, dtype=torch.long)) for _ in range(2)])
     assert len(shift) == count and all(r["source_var_ratio"] > 0 for r in shift)
+
+
+@pytest.fixture(scope="module")
+def small_setup():
+    config = load_recipe(RECIPE, ["data.size=8", "split.target_test=60", "seeds=[0]"])
+    data = transfer_data(config)
+    torch.manual_seed(0)
+    return config, data, DigitsResNet(1, 10, [4, 8], 1).eval()
+
+
+def test_minmax_fine_tunes_to_the_same_function_as_mirror_under_adam(small_setup):
+    # minmax's twin is min(x, 0) = -relu(-x): the same features as mirror's with the sign flipped.
+    # Twins start at zero and Adam's update is odd in the gradient, so the twin weights stay
+    # exact negatives of each other: the two arms are one model, step for step.
+    config, data, pretrained = small_setup
+    probe = data["target_test"].tensors[0][:16]
+    outputs = {}
+    for arm in ("linked-mirror", "linked-minmax"):
+        torch.manual_seed(0)
+        model, _ = build_arm(arm, pretrained, probe[:4])
+        optimizer = optimizer_for(arm, model, "adam", 1e-3, 1e-2)
+        model.train()
+        for x, y in zip(data["target_fit"].tensors[0].split(4)[:6], data["target_fit"].tensors[1].split(4)):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        outputs[arm] = model.eval()(probe)
+    scale = outputs["linked-mirror"].abs().max()
+    assert (outputs["linked-mirror"] - outputs["linked-minmax"]).abs().max() <= 1e-4 * scale
+    assert (outputs["linked-mirror"] - pretrained(probe)).abs().max() > 1e-3 * scale  # the arms did train
+
+
+def test_compact_arm_ends_at_the_original_macs(small_setup):
+    config, data, pretrained = small_setup
+    result = finetune("linked-mirror-compact", pretrained, data, 4, 16, 1e-3, 1e-2, 0, config, "target_test", 1)
+    compaction = result["compaction"]
+    assert compaction["macs_ratio"] <= 1.0 + 1e-9 and sum(compaction["removed"].values()) > 0
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["samples_seen"] == 16

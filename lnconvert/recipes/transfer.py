@@ -15,6 +15,9 @@ of target samples at each batch size:
 - ``folded``: ``convert(link=False)`` (the frozen-BN function, BN folded into the convs);
 - ``linked-mirror`` / ``linked-minmax`` / ``linked-mirror-gate``: ``convert`` with linked
   activations (twins zero), the last with ``residual="gate"``; twins get ``twin_lr``;
+- ``linked-mirror-compact``: ``linked-mirror``, then compacted back to the original model's
+  MACs (``compact(target_macs="1.0x")`` with the fine-tuning images as calibration data) before
+  it is evaluated: what a user deploying at the original cost keeps of the fine-tuning;
 - ``normprop`` / ``deep-control``: ``convert(norm=..., link=False)``.
 
 Learning rates (and twin learning rates) are chosen per arm and batch size on a validation
@@ -40,6 +43,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ..compact import compact
 from ..convert import convert
 from ..finetune import param_groups
 from . import distributed
@@ -49,7 +53,9 @@ from .output import _figure, _save, plot_bands, run_tasks, table, write_json
 from .train import epoch_batches, evaluate, fit, make_optimizer
 
 LINKED = {"linked-mirror": {"policy": "mirror"}, "linked-minmax": {"policy": "minmax"},
-          "linked-mirror-gate": {"policy": "mirror", "residual": "gate"}}
+          "linked-mirror-gate": {"policy": "mirror", "residual": "gate"},
+          "linked-mirror-compact": {"policy": "mirror"}}
+COMPACTED = ("linked-mirror-compact",)  # evaluated after compaction to the original MACs
 CONVERTED = {"folded": {"link": False}, "normprop": {"norm": "normprop", "link": False},
              "deep-control": {"norm": "deep-control", "link": False}, **LINKED}
 BN_ARMS = ("bn-train", "bn-frozen", "groupnorm")
@@ -249,10 +255,21 @@ def finetune(arm: str, pretrained: nn.Module, data: dict[str, TensorDataset], ba
             result["peak_step_bytes"] = peak_step_bytes(copy.deepcopy(model), after_train, x, y,
                                                         optimizer_for(arm, copy.deepcopy(model), cfg["optimizer"],
                                                                       lr, twin_lr))
+        if arm in COMPACTED:
+            model, result["compaction"] = compact_to_original(model, train)
     final = evaluate(model, data[eval_on])
     result.update({f"{eval_on.removeprefix('target_')}_accuracy": final["accuracy"],
                    f"{eval_on.removeprefix('target_')}_loss": final["loss"], "curve": curve})
     return result
+
+
+def compact_to_original(model: nn.Module, train: TensorDataset) -> tuple[nn.Module, dict[str, Any]]:
+    """The fine-tuned linked model compacted to the original model's MACs, calibrated on the
+    fine-tuning images; what was removed and the MAC ratio reached."""
+    compacted = compact(model, data=train.tensors[0].split(32), target_macs="1.0x")
+    report = compacted.report
+    return compacted.model, {"removed": dict(report.removed), "macs_ratio": report.macs_after / report.macs_original,
+                             "max_rel_deviation": report.max_rel_deviation}
 
 
 def _grid(arm: str, cfg: dict[str, Any]) -> list[tuple[float, float | None]]:
