@@ -139,20 +139,19 @@ def test_bad_budget_is_a_usage_error():
         compact(result, target_macs="lots")
 
 
-def test_cli_compact(tmp_path):
-    import subprocess
-    import sys
+def test_cli_compact(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
 
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "lnconvert.cli", *args], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=300)
+    from lnconvert.cli import app
 
-    assert run("squeezenet1_0", "--input-size", "3,64,64", "-o", "s.safetensors").returncode == 0
-    proc = run("compact", "s.safetensors", "--target-macs", "lots")
-    assert proc.returncode == 2 and "target-macs" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run("compact", "s.safetensors")
-    assert proc.returncode == 0, proc.stderr
-    assert "(1.00x)" in proc.stdout and (tmp_path / "s-compact.safetensors").is_file()
+    monkeypatch.chdir(tmp_path)
+    run = lambda *args: CliRunner().invoke(app, list(args))  # in-process: exit codes and streams as in a shell
+    assert run("convert", "squeezenet1_0", "--input-size", "3,64,64", "-o", "s.safetensors").exit_code == 0
+    result = run("compact", "s.safetensors", "--target-macs", "lots")
+    assert result.exit_code == 2 and "target-macs" in result.stderr and "Traceback" not in result.stderr
+    result = run("compact", "s.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert "(1.00x)" in result.stdout and (tmp_path / "s-compact.safetensors").is_file()
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
         full, small = lnconvert.load(tmp_path / "s.safetensors"), lnconvert.load(tmp_path / "s-compact.safetensors")

@@ -1,6 +1,4 @@
 """ONNX export and ONNX Runtime parity against the original PyTorch model."""
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -8,8 +6,10 @@ import onnx
 import pytest
 import torch
 from torch import nn
+from typer.testing import CliRunner
 
 import lnconvert
+from lnconvert.cli import app
 from lnconvert.export import export_onnx, session, verify_onnx
 from lnconvert.nn import (
     ChannelAffine,
@@ -115,11 +115,10 @@ def test_verify_onnx_catches_a_broken_export(tmp_path):
     broken = tmp_path / "broken.onnx"
     onnx.save(proto, broken)
 
-    def run(path):
-        return subprocess.run([sys.executable, "-m", "lnconvert.cli", "verify-onnx", str(path), "--reference",
-                               "resnet18", "--weights", str(weights)], capture_output=True, text=True, timeout=300)
+    def run(path):  # in-process: exit codes and streams as in a shell
+        return CliRunner().invoke(app, ["verify-onnx", str(path), "--reference", "resnet18", "--weights", str(weights)])
 
-    assert run(good).returncode == 0
-    proc = run(broken)
-    assert proc.returncode == 5 and "NO" in proc.stdout
-    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+    assert run(good).exit_code == 0
+    result = run(broken)
+    assert result.exit_code == 5 and "NO" in result.stdout
+    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1

@@ -14,10 +14,16 @@ from lnconvert.verify import parity
 
 from .conftest import prepared
 
-TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
-               "shufflenet_v2_x0_5", "regnet_x_400mf", "vgg11_bn", "googlenet", "mnasnet0_5", "squeezenet1_0"]
-TIMM = ["resnet18d", "efficientnet_b0", "mobilenetv3_small_050", "regnetx_002", "dla34", "cspdarknet53",
-        "ghostnet_100"]
+# One model of each structure in the default run (residual, depthwise + SE + hardswish, channel
+# split/shuffle, grouped convs, concat branches); the larger models of the same kinds run in the
+# slow stage (.ci/slow), and the whole zoo through `lnconvert zoo`.
+SLOW = pytest.mark.slow
+TORCHVISION = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_x_400mf", "squeezenet1_0",
+               *(pytest.param(name, marks=SLOW) for name in ("resnet50", "mobilenet_v2", "efficientnet_b0",
+                                                             "densenet121", "vgg11_bn", "googlenet", "mnasnet0_5"))]
+TIMM = ["mobilenetv3_small_050", "ghostnet_100",
+        *(pytest.param(name, marks=SLOW) for name in ("resnet18d", "efficientnet_b0", "regnetx_002", "dla34",
+                                                      "cspdarknet53"))]
 TOLERANCE = 1e-5
 
 
