@@ -81,8 +81,14 @@ def transfer_markdown(metrics: dict[str, Any]) -> str:
     def mib(n: int | None) -> str:
         return "-" if n is None else f"{n / 2**20:.2f} MiB"
 
-    lines = ["| arm | batch | mean | std | per seed (0-4) | lr | twin lr | ms/step | peak step memory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = []
+    if "pretrained_dead_units" in metrics:
+        dead = metrics["pretrained_dead_units"]
+        lines += [f"Pretrained model: ReLU units that are zero on every image, {dead['target_fit']['dead']} of "
+                  f"{dead['target_fit']['units']} on the target fine-tuning images and {dead['source_test']['dead']} "
+                  f"of {dead['source_test']['units']} on the source test images.", ""]
+    lines += ["| arm | batch | mean | std | per seed (0-4) | lr | twin lr | ms/step | peak step memory |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in metrics["summary"]:
         per_seed = " ".join(f"{acc:.3f}" for _, acc in sorted(r["per_seed"].items(), key=lambda kv: int(kv[0])))
         lines.append(f"| {r['arm']} | {r['batch_size']} | {r['mean']:.3f} | {r['std']:.3f} | {per_seed} | {r['lr']:g} "

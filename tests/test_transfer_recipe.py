@@ -70,6 +70,9 @@ def test_inverted_target_moves_the_bn_input_statistics(reduced):
     first = metrics["bn_input_shift"][0]
     # the source test data still fits the running statistics; the inverted target does not
     assert first["target_mean_shift"] > 3 * first["source_mean_shift"]
+    dead = metrics["pretrained_dead_units"]
+    assert set(dead) == {"source_test", "target_fit"} and all(0 <= d["dead"] <= d["units"] for d in dead.values())
+    assert dead["target_fit"]["units"] == 4 + 4 + 4 + 8 + 8  # stem and 2 ReLUs per block at widths [4, 8]
 
 
 def test_transfer_splits_are_disjoint_and_the_target_is_the_inverted_source_kind():

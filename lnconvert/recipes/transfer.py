@@ -43,6 +43,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ..analysis import dead_units
 from ..compact import compact
 from ..convert import convert
 from ..finetune import param_groups
@@ -144,6 +145,13 @@ def bn_input_shift(model: nn.Module, source: TensorDataset, target: TensorDatase
 
 
 # --- arms --------------------------------------------------------------------------------
+def dead_unit_count(model: nn.Module, data: TensorDataset) -> dict[str, int]:
+    """ReLU units of ``model`` that output zero for every image of ``data`` (see
+    :func:`lnconvert.analysis.dead_units`): the units linking can revive."""
+    rows = dead_units(model, data.tensors[0].split(64))
+    return {"dead": sum(r.dead for r in rows), "units": sum(r.units for r in rows)}
+
+
 def to_groupnorm(model: nn.Module) -> nn.Module:
     """Every BatchNorm2d replaced by a fresh ``GroupNorm(min(32, C), C)`` (Opacus's fix), in place."""
     for name, module in list(model.named_modules()):
@@ -424,9 +432,11 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
     model.eval()
     source_acc = evaluate(model, data["source_test"])["accuracy"]
     shift = bn_input_shift(model, data["source_test"], data["target_test"])
+    dead = {split: dead_unit_count(model, data[split]) for split in ("source_test", "target_fit")}
     console.print(f"pretrained: source test acc {source_acc:.4f}, target test acc (no fine-tuning) "
                   f"{evaluate(model, data['target_test'])['accuracy']:.4f}; first BN input mean shift "
-                  f"{shift[0]['target_mean_shift']:.2f} running std (source {shift[0]['source_mean_shift']:.2f})")
+                  f"{shift[0]['target_mean_shift']:.2f} running std (source {shift[0]['source_mean_shift']:.2f}); "
+                  f"dead ReLU units on target data {dead['target_fit']['dead']} of {dead['target_fit']['units']}")
 
     tasks = [(arm, bs) for bs in cfg["batch_sizes"] for arm in cfg["arms"]]
     results: list[dict[str, Any]] = []
@@ -462,7 +472,8 @@ def transfer(cfg: dict[str, Any], out: Path, resume: bool, console: Console) -> 
     plot_transfer(runs, cfg["batch_sizes"], out / "transfer.png", cfg["name"])
     metrics = {"recipe": cfg["name"], "shift": cfg["shift"], "samples_per_run": cfg["samples"],
                "sizes": {k: len(v) for k, v in data.items()}, "source_test_accuracy": source_acc,
-               "bn_input_shift": shift, "threads": cfg["threads"], "torch": torch.__version__,
+               "bn_input_shift": shift, "pretrained_dead_units": dead, "threads": cfg["threads"],
+               "torch": torch.__version__,
                "summary": summary, "selection": [{"arm": r["arm"], "batch_size": r["batch_size"],
                                                   "grid": r["selection"]} for r in results],
                "runs": runs, "not_run": not_run, "time_limit_minutes": limit, **distributed.describe(),
