@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -14,7 +13,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .layout import Layout
 from .nn import LinkedActivation
-from .rules import ABSORB_MODULES, ACTIVATION_MODULES, CONV_TRANSPOSE_MODULES
+from .layers import layer_spec
+from .rules import ACTIVATION_MODULES
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -104,35 +104,23 @@ def count_macs(gm: fx.GraphModule) -> int:
     """Multiply-accumulates per sample of every conv / linear, from recorded shapes."""
     total = 0
     for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        if not isinstance(module, tuple(ABSORB_MODULES)):
-            continue
+        spec = layer_spec(gm.get_submodule(node.target)) if node.op == "call_module" else None
         out_shape = shape_of(node)
         in_shape = shape_of(node.args[0]) if node.args else None
-        if out_shape is None or in_shape is None:
-            continue
-        if isinstance(module, nn.Linear):
-            total += math.prod(out_shape[1:]) * module.in_features
-        elif isinstance(module, CONV_TRANSPOSE_MODULES):
-            total += math.prod(in_shape[1:]) * (module.out_channels // module.groups) * math.prod(module.kernel_size)
-        else:
-            total += math.prod(out_shape[1:]) * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        if spec is not None and out_shape is not None and in_shape is not None:
+            total += spec.macs(gm.get_submodule(node.target), in_shape, out_shape)
     return int(total)
 
 
 def check_channels(gm: fx.GraphModule, pass_name: str) -> None:
-    """After a structural pass: every absorbing module's input width matches its weights."""
+    """Every conv / linear's input width matches its weights (shapes must be propagated)."""
     for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
+        spec = layer_spec(gm.get_submodule(node.target)) if node.op == "call_module" else None
         in_shape = shape_of(node.args[0]) if node.args else None
-        if in_shape is None or not isinstance(module, tuple(ABSORB_MODULES)):
+        if spec is None or in_shape is None:
             continue
-        expected = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-        got = in_shape[-1] if isinstance(module, nn.Linear) else in_shape[1]
+        expected = spec.in_channels(gm.get_submodule(node.target))
+        got = in_shape[spec.input_channel_dim(len(in_shape))]
         if got != expected:
             raise AssertionError(f"after pass {pass_name}: node {node.name} ({node.target}) gets {got} "
                                  f"channels but its module expects {expected}")

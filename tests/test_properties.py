@@ -24,7 +24,7 @@ import lnconvert
 from lnconvert.analysis import shape_of
 from lnconvert.errors import ParityError
 from lnconvert.nn import LinkedActivation
-from lnconvert.rules import ABSORB_MODULES
+from lnconvert.layers import layer_spec
 
 from .helpers import state_copy
 from .random_nets import INPUT_SHAPE, build, networks
@@ -87,7 +87,7 @@ def _assert_width_never_compounds(result, plain) -> None:
             width = _input_width(gm, node)
             assert width == shape_of(reference[node.name])[module.dim], f"{node.name} reads a linked tensor"
             assert shape_of(node)[module.dim] == 2 * width
-        elif isinstance(module, tuple(ABSORB_MODULES)):
+        elif layer_spec(module) is not None:
             before = _input_width(plain.model, reference[node.name])
             assert before <= _input_width(gm, node) <= 2 * before, f"{node.name}: width compounded"
     assert linked == sum(a["action"] == "linked" for a in result.report.activations)

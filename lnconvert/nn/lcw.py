@@ -12,9 +12,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-LCW_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
 class ZeroSumFanIn(nn.Module):
     """Parametrization ``w -> w - mean(w)`` over every axis but the first (output units)."""
 
@@ -28,12 +25,16 @@ def is_lcw(module: nn.Module) -> bool:
 
 
 def lcw(module: nn.Module) -> nn.Module:
-    """Constrain ``module.weight`` (Conv1d/2d/3d, Linear, or a subclass such as the NormProp
-    layers) to zero sum per output unit, in place; returns the module. The stored
+    """Constrain ``module.weight`` (a registered layer with an LCW form: Conv1d/2d/3d, Linear,
+    the NormProp layers, timm's Conv2dSame) to zero sum per output unit, in place; returns the
+    module. The stored
     ``parametrizations.weight.original`` keeps the current values, so a weight that already
     sums to zero is unchanged."""
-    if not isinstance(module, LCW_MODULES):
-        raise TypeError(f"lcw supports Conv1d/2d/3d and Linear, got {type(module).__name__}")
+    from ..layers import layer_spec  # the registry imports this package's NormProp classes
+
+    spec = layer_spec(module)
+    if spec is None or not spec.lcw:
+        raise TypeError(f"lcw supports Conv1d/2d/3d and Linear (layers registered with an LCW form), got {type(module).__name__}")
     if not is_lcw(module):
         parametrize.register_parametrization(module, "weight", ZeroSumFanIn())
     return module
