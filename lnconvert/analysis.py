@@ -1,4 +1,7 @@
-"""Read-only facts about a GraphModule: shapes, channel counts, costs, call sites."""
+"""Facts about a GraphModule: shapes, channel counts, costs, call sites, dead units.
+
+Nothing here changes a graph or a module (``propagate_shapes`` only records ``tensor_meta``
+on the nodes); the edits passes make are in :mod:`lnconvert.rewrite`."""
 from __future__ import annotations
 
 import contextlib
@@ -11,10 +14,10 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .layers import layer_spec
 from .layout import Layout
 from .nn import LinkedActivation
-from .layers import layer_spec
-from .rules import ACTIVATION_MODULES
+from .rules import ACTIVATION_MODULES, layer_type
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -57,43 +60,6 @@ def reads_input(node: fx.Node) -> bool:
 def call_site_counts(gm: fx.GraphModule) -> Counter:
     """How many call_module nodes use each submodule (shared modules have > 1)."""
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-
-
-def own_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, suffix: str) -> None:
-    """Install ``module`` for this call site only, under a fresh name when the old
-    submodule is shared with other call sites, so rewriting one site leaves the rest alone."""
-    if call_site_counts(gm)[node.target] == 1:
-        parent, _, leaf = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
-        return
-    base = f"{node.target}_{suffix}"
-    name, i = base, 1
-    while _has_submodule(gm, name):
-        i += 1
-        name = f"{base}{i}"
-    gm.add_submodule(name, module)
-    node.target = name
-
-
-def _has_submodule(gm: fx.GraphModule, name: str) -> bool:
-    try:
-        gm.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def insert_module_after(gm: fx.GraphModule, anchor: fx.Node, module: nn.Module, name: str,
-                        args: tuple) -> fx.Node:
-    """Add ``module`` under a unique name derived from ``name`` and call it right after ``anchor``."""
-    base = name.replace(".", "_")
-    unique, i = base, 1
-    while _has_submodule(gm, unique):
-        i += 1
-        unique = f"{base}_{i}"
-    gm.add_submodule(unique, module)
-    with gm.graph.inserting_after(anchor):
-        return gm.graph.call_module(unique, args)
 
 
 def count_params(module: nn.Module) -> int:
@@ -167,6 +133,7 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
     alive: dict[str, torch.Tensor] = {}
     info: dict[str, tuple[str, nn.Module]] = {}
     calls: Counter = Counter()
+    # LinkedActivation is lnconvert's own module (not a user layer type): any subclass is one
     linked_names = [n for n, m in model.named_modules() if isinstance(m, LinkedActivation)]
 
     def inside_linked(name: str) -> bool:  # the inner act of a LinkedActivation is part of it
@@ -184,7 +151,8 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
 
     handles = [model.register_forward_pre_hook(lambda *_: calls.clear())]
     for name, module in model.named_modules():
-        if isinstance(module, LinkedActivation) or (type(module) in ACTIVATION_MODULES and not inside_linked(name)):
+        activation = layer_type(module) in ACTIVATION_MODULES and not inside_linked(name)
+        if activation or isinstance(module, LinkedActivation):
             handles.append(module.register_forward_hook(hook(name)))
     training = model.training
     try:
@@ -215,5 +183,14 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
             rows.append(DeadUnits(key, kind, layout.channels, int((~(primary | twin)).sum()), int((~primary).sum())))
         else:
             dead = int((~live).sum())
-            rows.append(DeadUnits(key, ACTIVATION_MODULES[type(module)], live.numel(), dead, dead))
+            rows.append(DeadUnits(key, ACTIVATION_MODULES[layer_type(module)], live.numel(), dead, dead))
     return rows
+
+
+def __getattr__(name: str):
+    # old import path of the graph edits (passes/lower_linked still imports it from here)
+    if name in ("insert_module_after", "own_module"):
+        from . import rewrite
+
+        return getattr(rewrite, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import UsageError
-from .nn import GatedMerge, LinkedActivation
 from .layers import TWIN_BUFFER, layer_spec
+from .nn import GatedMerge, LinkedActivation
 
 
 class TwinSplit(nn.Module):

@@ -34,7 +34,8 @@ class ConvertTracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if lookup_type(type(m), self.leaf_types) in self.leaf_types or module_qualified_name in self.leaf_names or is_frozen_batchnorm(m):
+        leaf_type = lookup_type(type(m), self.leaf_types) in self.leaf_types
+        if leaf_type or module_qualified_name in self.leaf_names or is_frozen_batchnorm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

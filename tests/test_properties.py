@@ -23,8 +23,8 @@ from torch import nn
 import lnconvert
 from lnconvert.analysis import shape_of
 from lnconvert.errors import ParityError
-from lnconvert.nn import LinkedActivation
 from lnconvert.layers import layer_spec
+from lnconvert.nn import LinkedActivation
 
 from .helpers import state_copy
 from .random_nets import INPUT_SHAPE, build, networks

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+
 class ZeroSumFanIn(nn.Module):
     """Parametrization ``w -> w - mean(w)`` over every axis but the first (output units)."""
 
@@ -34,7 +35,8 @@ def lcw(module: nn.Module) -> nn.Module:
 
     spec = layer_spec(module)
     if spec is None or not spec.lcw:
-        raise TypeError(f"lcw supports Conv1d/2d/3d and Linear (layers registered with an LCW form), got {type(module).__name__}")
+        raise TypeError(f"lcw supports Conv1d/2d/3d and Linear (layers registered with an LCW form), "
+                        f"got {type(module).__name__}")
     if not is_lcw(module):
         parametrize.register_parametrization(module, "weight", ZeroSumFanIn())
     return module

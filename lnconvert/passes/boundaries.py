@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..analysis import insert_module_after
 from ..nn import ChannelSelect, GatedMerge
 from ..options import PassContext
 from ..plan import LinkPlan
+from ..rewrite import insert_module_after
 from ..rules import is_inplace_call
 
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..analysis import own_module, shape_of
+from ..analysis import shape_of
+from ..layers import layer_spec
 from ..nn import DeepControl2d
 from ..options import PassContext
-from ..layers import layer_spec
+from ..rewrite import own_module
 from ..rules import is_batchnorm
 from .fold_bn import bn_scale_shift
 

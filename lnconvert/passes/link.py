@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..analysis import own_module
 from ..layers import LAYOUT
 from ..layout import describe
 from ..nn import LinkedActivation
 from ..options import PassContext
 from ..plan import LinkPlan
+from ..rewrite import own_module
 from ..rules import rule_for
 
 

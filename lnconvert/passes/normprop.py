@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..analysis import insert_module_after, own_module, propagate_shapes
+from ..analysis import propagate_shapes
 from ..layers import FOLDED_BN, IN_LAYOUT, LAYOUT, layer_spec
 from ..nn import ChannelAffine, LinkedActivation, ReLURenorm
 from ..nn.normprop import RELU_MEAN, RELU_STD
 from ..options import PassContext
+from ..rewrite import insert_module_after, own_module
 from ..rules import ACTIVATION_MODULES, layer_type
 from .widen import mark_twins
 

@@ -6,12 +6,12 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..analysis import insert_module_after, own_module
-from ..layout import Layout
 from ..layers import IN_LAYOUT, TWIN_BUFFER, LayerSpec, layer_spec
+from ..layout import Layout
 from ..nn import ChannelExpand
 from ..options import PassContext
 from ..plan import LinkPlan
+from ..rewrite import insert_module_after, own_module
 
 
 def mark_twins(module: nn.Module, layout: Layout) -> nn.Module:
@@ -34,7 +34,8 @@ def read_columns(module: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch
     """The weights that read each logical channel's primary and twin, in the layout of the
     unwidened module's weight (a twin's are zero where the channel has none)."""
     spec, weight = _spec(module), module.weight.detach()
-    primary, twin = _column_index(spec, module, layout, layout.primary), _column_index(spec, module, layout, layout.twin)
+    primary = _column_index(spec, module, layout, layout.primary)
+    twin = _column_index(spec, module, layout, layout.twin)
     return _gather(spec, weight, primary), _gather(spec, weight, twin)
 
 
