@@ -78,8 +78,9 @@ def count_macs(gm: fx.GraphModule) -> int:
     return int(total)
 
 
-def check_channels(gm: fx.GraphModule, pass_name: str) -> None:
-    """Every conv / linear's input width matches its weights (shapes must be propagated)."""
+def channel_mismatch(gm: fx.GraphModule) -> str | None:
+    """The first conv / linear whose input width (from the recorded shapes) differs from what
+    its weights read, described; None when all match."""
     for node in gm.graph.nodes:
         spec = layer_spec(gm.get_submodule(node.target)) if node.op == "call_module" else None
         in_shape = shape_of(node.args[0]) if node.args else None
@@ -88,8 +89,8 @@ def check_channels(gm: fx.GraphModule, pass_name: str) -> None:
         expected = spec.in_channels(gm.get_submodule(node.target))
         got = in_shape[spec.input_channel_dim(len(in_shape))]
         if got != expected:
-            raise AssertionError(f"after pass {pass_name}: node {node.name} ({node.target}) gets {got} "
-                                 f"channels but its module expects {expected}")
+            return f"node {node.name} ({node.target}) gets {got} channels but its module expects {expected}"
+    return None
 
 
 @dataclass

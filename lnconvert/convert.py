@@ -1,23 +1,21 @@
 """Orchestration: trace -> analyse -> passes -> verify -> report."""
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import fx, nn
 from torch.ao.nn.quantized import FloatFunctional
 
-from . import __version__, passes
-from .analysis import check_channels, count_macs, count_params, propagate_shapes, reads_input
+from . import __version__
+from .analysis import count_macs, count_params, propagate_shapes, reads_input
 from .errors import ParityError, TraceError, UnsupportedModelError, UsageError, one_line
 from .options import ConvertOptions, PassContext
-from .plan import plan_links
+from .pipeline import AFTER_VERIFY, PIPELINE, run_pipeline, timed
 from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import batchnorm_statistics, is_batchnorm_like
 from .trace import default_example_inputs, private_eval_copy, trace
@@ -87,13 +85,6 @@ def renamed_argument(new_value, old_value, old: str, new: str, function: str, *,
         raise UsageError(f"{function}: pass {new}= only ({old}= is its deprecated name)")
     warnings.warn(f"{function}({old}=...) is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
     return old_value
-
-
-@contextlib.contextmanager
-def _timed(report: ConversionReport, name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    report.pass_seconds[name] = report.pass_seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -196,6 +187,28 @@ def _accept_float32_rounding(model: nn.Module, options: ConvertOptions, inputs: 
         f"copy converts within {error:.1e}")
 
 
+def _verify(model: nn.Module, gm: fx.GraphModule, options: ConvertOptions,
+            checks: list[tuple[str, tuple[torch.Tensor, ...]]], report: ConversionReport) -> None:
+    """Compare ``gm`` with ``model`` on ``checks`` into ``report.parity`` and set its status;
+    raise :class:`ParityError` when an output is beyond the tolerance (and not only by float32
+    rounding of a graph a float64 copy proves right)."""
+    with timed(report, "verify"):
+        report.parity = compare(model, gm, checks, options.tolerance, options.precision)
+        bad = [p for p in report.parity if not p.ok]
+        if bad and all(p.native_noise is not None and p.max_rel <= p.native_noise for p in bad):
+            _accept_float32_rounding(model, options, checks[0][1], checks, bad, report)
+            bad = [p for p in report.parity if not p.ok]
+    if bad:
+        report.status = "failed"
+        worst = max(bad, key=lambda p: p.max_rel)
+        checked = "" if report.float64_conversion_error is None else \
+            f" (within float32 rounding, but a float64 copy converts to {report.float64_conversion_error:.1e})"
+        raise ParityError(f"converted model differs from the original: {worst.output} on {worst.inputs} "
+                          f"input has max rel error {worst.max_rel:.3e} > tolerance {options.tolerance:.0e}{checked}",
+                          report)
+    report.status = "partial" if report.status_reasons else "exact"
+
+
 def convert(
     model: nn.Module,
     *,
@@ -271,7 +284,7 @@ def convert(
 
     gm, why = None, ""
     if submodules is None:
-        with _timed(report, "trace"):
+        with timed(report, "trace"):
             try:
                 gm = trace(private_eval_copy(model), options.leaf_modules)
             except TraceError as exc:
@@ -281,7 +294,7 @@ def convert(
     if gm is None:  # the named submodules, or the traceable parts of an untraceable model
         from .partial import convert_partial
 
-        with _timed(report, "partial"):
+        with timed(report, "partial"):
             return convert_partial(model, inputs, options, report, why=why, verify=verify,
                                    submodules=None if submodules is None else list(submodules),
                                    verify_inputs=[_as_tuple(x) for x in data])
@@ -290,84 +303,33 @@ def convert(
 
         opaque = list(dict.fromkeys(opaque_parts(gm)))
         if opaque:
-            with _timed(report, "partial"):
+            with timed(report, "partial"):
                 inner = convert_partial(model, inputs, options, report, submodules=opaque, verify=verify,
                                         whole=False).model
             converted = tuple(p["module"] for p in report.parts if p["action"] == "converted")
-            with _timed(report, "trace"):
+            with timed(report, "trace"):
                 gm = trace(private_eval_copy(inner), options.leaf_modules + converted)
-    with _timed(report, "analyse"):
+    with timed(report, "analyse"):
         try:
             propagate_shapes(gm, inputs)
         except Exception as exc:
             raise UsageError(f"the model does not run on inputs of shape "
                              f"{[tuple(t.shape) for t in inputs]}: {_first_line(exc)}") from exc
         report.params_before, report.macs_before = count_params(gm), count_macs(gm)
-    with _timed(report, "decompose_normact"):
-        gm = passes.decompose_normact.run(gm, ctx)
-    with _timed(report, "modularize"):
-        gm = passes.modularize.run(gm, ctx)
-    if options.norm == "deep-control":
-        with _timed(report, "deep_control"):
-            gm = passes.deep_control.run(gm, ctx)
-    if options.drop_bn:
-        with _timed(report, "fold_bn"):
-            gm = passes.fold_bn.run(gm, ctx)
-    if options.link:
-        with _timed(report, "plan"):
-            propagate_shapes(gm, inputs)
-            plan = plan_links(gm, options)
-        with _timed(report, "link"):
-            gm = passes.link.run(gm, ctx, plan)
-        with _timed(report, "widen"):
-            gm = passes.widen.run(gm, ctx, plan)
-        with _timed(report, "boundaries"):
-            gm = passes.boundaries.run(gm, ctx, plan)
-        with _timed(report, "relayout"):
-            gm = passes.relayout.run(gm, ctx, plan)
-    if options.norm == "normprop":
-        with _timed(report, "normprop"):
-            gm = passes.normprop.run(gm, ctx)
-    with _timed(report, "check"):
-        gm.graph.lint()
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        alive = {n.name for n in gm.graph.nodes}  # e.g. a shuffle's size() calls died with the shuffle
-        report.boundaries = [b for b in report.boundaries if b["consumer"] in alive]
-        gm.recompile()
-        propagate_shapes(gm, inputs)
-        check_channels(gm, "boundaries")
-        report.params_after, report.macs_after = count_params(gm), count_macs(gm)
-
+    gm = run_pipeline(gm, ctx, PIPELINE)
+    report.params_after, report.macs_after = count_params(gm), count_macs(gm)
     kept = remaining_batchnorm(gm)
     if options.drop_bn and kept:
         report.status_reasons.append(f"{len(kept)} BatchNorm kept ({kept[0]}{', ...' if len(kept) > 1 else ''})")
+    checks = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(data)]
     if verify:
-        labelled = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(data)]
-        with _timed(report, "verify"):
-            report.parity = compare(model, gm, labelled, tolerance, precision)
-        bad = [p for p in report.parity if not p.ok]
-        if bad and all(p.native_noise is not None and p.max_rel <= p.native_noise for p in bad):
-            with _timed(report, "verify"):
-                _accept_float32_rounding(model, options, inputs, labelled, bad, report)
-            bad = [p for p in report.parity if not p.ok]
-        if bad:
-            report.status = "failed"
-            worst = max(bad, key=lambda p: p.max_rel)
-            checked = "" if report.float64_conversion_error is None else \
-                f" (within float32 rounding, but a float64 copy converts to {report.float64_conversion_error:.1e})"
-            raise ParityError(f"converted model differs from the original: {worst.output} on {worst.inputs} "
-                              f"input has max rel error {worst.max_rel:.3e} > tolerance {tolerance:.0e}{checked}",
-                              report)
-        report.status = "partial" if report.status_reasons else "exact"
-    if options.lcw:
-        with _timed(report, "lcw"):
-            gm = passes.lcw.run(gm, ctx)
-        if verify:
-            report.lcw_deviation = max(p.max_rel for p in compare(model, gm, labelled, tolerance, precision))
-            report.status = "changed"
-            report.status_reasons.append(f"LCW projection changes the function by design: max rel deviation "
-                                         f"{report.lcw_deviation:.2e}; fine-tune to recover")
+        _verify(model, gm, options, checks, report)
+    gm = run_pipeline(gm, ctx, AFTER_VERIFY)
+    if options.lcw and verify:
+        report.lcw_deviation = max(p.max_rel for p in compare(model, gm, checks, tolerance, precision))
+        report.status = "changed"
+        report.status_reasons.append(f"LCW projection changes the function by design: max rel deviation "
+                                     f"{report.lcw_deviation:.2e}; fine-tune to recover")
     if _is_channels_last(model):  # rewritten weights are contiguous: give back the caller's memory format
         gm = gm.to(memory_format=torch.channels_last)
     gm.train(model.training)  # hand back the caller's mode

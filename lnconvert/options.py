@@ -74,6 +74,10 @@ class ConvertOptions:
 
 @dataclass
 class PassContext:
+    """What every pass receives beside the graph; ``plan`` is set by the pipeline's plan step
+    (a :class:`lnconvert.plan.LinkPlan`) for the rewrite passes that carry it out."""
+
     options: ConvertOptions
     report: ConversionReport
     example_inputs: tuple[torch.Tensor, ...] = field(default_factory=tuple)
+    plan: Any = None

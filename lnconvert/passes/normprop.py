@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..analysis import propagate_shapes
 from ..layers import FOLDED_BN, IN_LAYOUT, LAYOUT, layer_spec
 from ..nn import ChannelAffine, LinkedActivation, ReLURenorm
 from ..nn.normprop import RELU_MEAN, RELU_STD
@@ -99,9 +98,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
        mean shift into their bias, or kept as a learnable per-channel shift when a user
        zero-pads. ReLUs feeding anything else (residual adds, pooling) are left as they are.
     A BN that fold_bn turned into a per-channel affine (not after a conv/linear) stays one.
+    Needs current shapes (the linked widths): the pipeline propagates them first.
     Preserves: eval-mode outputs up to float rounding (reported per layer).
     """
-    propagate_shapes(gm, ctx.example_inputs)  # linked widths: the plan's shapes predate linking
     for bn in ctx.report.batchnorm:
         if bn["action"] == "affine":
             ctx.report.norm_layer(bn["name"], "normprop", "affine", "BN not after a conv/linear: a per-channel "

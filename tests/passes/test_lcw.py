@@ -12,7 +12,7 @@ from .graphs import traced, until
 
 def projected(net, shape=(2, 3, 8, 8), **options):
     gm, ctx = traced(net, shape, lcw=True, **options)
-    gm, _ = until(gm, ctx, "normprop")  # lcw runs last, after verification
+    gm, _ = until(gm, ctx, "lcw")  # lcw runs last, after verification
     before = copy.deepcopy(gm)
     return passes.lcw.run(gm, ctx), ctx, before
 
