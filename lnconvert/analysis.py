@@ -17,6 +17,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .layers import layer_spec
 from .layout import Layout
 from .nn import LinkedActivation
+from .rewrite import insert_module_after, own_module  # noqa: F401  (old import path: passes/lower_linked)
 from .rules import ACTIVATION_MODULES, layer_type
 
 
@@ -55,11 +56,6 @@ def reads_input(node: fx.Node) -> bool:
                 seen.add(parent)
                 stack.append(parent)
     return False
-
-
-def call_site_counts(gm: fx.GraphModule) -> Counter:
-    """How many call_module nodes use each submodule (shared modules have > 1)."""
-    return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
 
 def count_params(module: nn.Module) -> int:
@@ -186,12 +182,3 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
             dead = int((~live).sum())
             rows.append(DeadUnits(key, ACTIVATION_MODULES[layer_type(module)], live.numel(), dead, dead))
     return rows
-
-
-def __getattr__(name: str):
-    # old import path of the graph edits (passes/lower_linked still imports it from here)
-    if name in ("insert_module_after", "own_module"):
-        from . import rewrite
-
-        return getattr(rewrite, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

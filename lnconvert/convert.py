@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -13,8 +12,10 @@ from torch.ao.nn.quantized import FloatFunctional
 
 from . import __version__
 from .analysis import count_macs, count_params, propagate_shapes, reads_input
+from .calibrate import batchnorm_without_stats, calibrate_batchnorm
 from .errors import ParityError, TraceError, UnsupportedModelError, UsageError, one_line
-from .options import ConvertOptions, PassContext
+from .models import inherit_source
+from .options import ConvertOptions, PassContext, renamed_argument
 from .pipeline import AFTER_VERIFY, PIPELINE, run_pipeline, timed
 from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import batchnorm_statistics, is_batchnorm_like
@@ -76,17 +77,6 @@ def as_result(obj: object, what: str) -> ConversionResult:
     return ConversionResult(obj, record.report, record.source, record.options, record.example_inputs)
 
 
-def renamed_argument(new_value, old_value, old: str, new: str, function: str, *, empty=None):
-    """The value of an argument renamed from ``old`` to ``new``: the old name still works for
-    one version, with a DeprecationWarning."""
-    if old_value is empty:
-        return new_value
-    if new_value is not empty:
-        raise UsageError(f"{function}: pass {new}= only ({old}= is its deprecated name)")
-    warnings.warn(f"{function}({old}=...) is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
-    return old_value
-
-
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -114,6 +104,25 @@ def _check_supported(model: nn.Module) -> None:
         finite = torch.isfinite(tensor) if name in parameters or name in bn_stats else ~torch.isnan(tensor)
         if not finite.all():
             raise UnsupportedModelError(f"parameter '{name}' contains NaN or Inf; refusing to convert")
+
+
+def _with_running_statistics(model: nn.Module, data: Iterable[torch.Tensor] | None, drop_bn: bool,
+                             report: ConversionReport) -> nn.Module:
+    """``model``, or a copy whose BatchNorms without running statistics have them, estimated on
+    ``data``; without data such a model cannot lose its BatchNorm: refused when ``drop_bn``."""
+    missing = batchnorm_without_stats(model)
+    if missing and data is not None:
+        calibrated = calibrate_batchnorm(model, data)
+        inherit_source(calibrated, model)  # saved under the source's name, rebuilt calibrated on load
+        report.calibrated = missing
+        return calibrated
+    if missing and drop_bn:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UnsupportedModelError(f"BatchNorm '{missing[0]}'{more} has no running statistics "
+                                    f"(track_running_stats=False), so it normalises each batch by itself and cannot "
+                                    f"be removed; pass --calibrate DATA to estimate them, or --keep-bn "
+                                    f"(API: calibration_data=batches, drop_bn=False)")
+    return model
 
 
 def _is_channels_last(model: nn.Module) -> bool:
@@ -231,6 +240,7 @@ def convert(
     verify_inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]] | None = None,
     partial: bool = False,
     submodules: Iterable[str] | None = None,
+    calibration_data: Iterable[torch.Tensor] | None = None,
 ) -> ConversionResult:
     """Convert a trained model into a BatchNorm-free model with linked activations.
 
@@ -261,6 +271,12 @@ def convert(
     With ``partial=True`` a traceable model whose BatchNorms sit inside opaque leaves (timm's
     non-traceable layers) has each such leaf converted on its own first; the converted leaves
     stay leaves of the whole model's graph.
+
+    A BatchNorm without running statistics (``track_running_stats=False``) normalises each batch
+    by itself and cannot be removed: with ``drop_bn`` it is refused (:class:`UnsupportedModelError`)
+    unless ``calibration_data`` (batches of inputs) is given, on which its statistics are estimated
+    first (:func:`lnconvert.calibrate_batchnorm`); the calibrated model is then what is converted and
+    verified, and ``report.calibrated`` names those BatchNorms.
     """
     options = ConvertOptions(drop_bn=drop_bn, link=link, policy=policy,
                              activations=tuple(activations) if activations is not None else None,
@@ -273,6 +289,7 @@ def convert(
     report = ConversionReport(model=name or type(model).__name__, options=options.to_dict(),
                               lnconvert_version=__version__, tolerance=tolerance)
     _check_supported(model)
+    model = _with_running_statistics(model, calibration_data, drop_bn, report)
     if model.training:
         report.warnings.append("model was in training mode: converted and verified in eval mode")
     param = next(model.parameters(), None)

@@ -7,7 +7,9 @@ it folds into it, and its NormProp / LCW forms. Three families cover torch's lay
 and grouped convolutions, transposed convolutions, linear layers); a new layer type is one
 :func:`register_layer` call with the family it computes like (plus its tests), e.g.
 ``register_layer(MyConv2d, CONV)`` for a conv subclass with its own ``forward`` that still
-computes ``conv(x, weight) + bias``.
+computes ``conv(x, weight) + bias``. Layers lnconvert defines register themselves where they
+are defined (the NormProp layers and their forms: :mod:`lnconvert.nn.normprop`), so this module
+imports nothing of lnconvert's.
 
 Lookup is by exact type, or by the registered base of a subclass that inherits the base's
 computation unchanged (:func:`lookup_type`): a subclass that overrides ``forward`` may compute
@@ -23,8 +25,6 @@ from typing import Callable, Mapping, TypeVar
 
 import torch
 from torch import nn
-
-from .nn.normprop import NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear
 
 # --- metadata keys -------------------------------------------------------------------
 LAYOUT = "lnc_layout"          # node.meta: Layout of a linked activation's output (link pass)
@@ -163,17 +163,18 @@ def registered_layers() -> tuple[type, ...]:
     return tuple(_LAYERS)
 
 
+def add_forms(layer_type: type, **forms: object) -> None:
+    """Record strategy forms (``normprop=...``) for a registered type, from where they are
+    defined (:mod:`lnconvert.nn.normprop` adds the NormProp forms of torch's layers)."""
+    _LAYERS[layer_type] = replace(_LAYERS[layer_type], **forms)
+
+
 def _register_torch_layers() -> None:
-    for cls, form in ((nn.Conv1d, NormPropConv1d), (nn.Conv2d, NormPropConv2d), (nn.Conv3d, NormPropConv3d)):
-        register_layer(cls, replace(CONV, normprop=form))
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        register_layer(cls, CONV)
     for cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
         register_layer(cls, CONV_TRANSPOSE)
-    register_layer(nn.Linear, replace(LINEAR, normprop=NormPropLinear))
-    # NormProp layers compute through an effective weight: they absorb like their family; no BN
-    # is ever folded into one (fold_bn runs before the NormProp pass creates them)
-    for cls in (NormPropConv1d, NormPropConv2d, NormPropConv3d):
-        register_layer(cls, replace(CONV, folds_bn=False))
-    register_layer(NormPropLinear, replace(LINEAR, folds_bn=False))
+    register_layer(nn.Linear, LINEAR)
     try:  # timm's "same"-padded conv pads spatially, then runs an ordinary conv with its own weight
         from timm.layers import Conv2dSame
     except ImportError:
@@ -184,4 +185,4 @@ def _register_torch_layers() -> None:
 _register_torch_layers()
 
 __all__ = ["CONV", "CONV_TRANSPOSE", "FOLDED_BN", "IN_LAYOUT", "LAYOUT", "LINEAR", "TWIN_BUFFER", "LayerSpec",
-           "layer_spec", "lookup_type", "register_layer", "registered_layers"]
+           "add_forms", "layer_spec", "lookup_type", "register_layer", "registered_layers"]

@@ -1,9 +1,14 @@
 """Graph edits the passes share: give one call site its own module, insert a module call."""
 from __future__ import annotations
 
+from collections import Counter
+
 from torch import fx, nn
 
-from .analysis import call_site_counts
+
+def call_site_counts(gm: fx.GraphModule) -> Counter:
+    """How many call_module nodes use each submodule (shared modules have > 1)."""
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
 
 def own_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, suffix: str) -> None:

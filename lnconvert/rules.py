@@ -172,7 +172,9 @@ def is_inplace_call(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 # --- batch norm ------------------------------------------------------------------
-BATCHNORM_MODULES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FrozenBatchNorm2d)
+# SyncBatchNorm computes an ordinary BatchNorm in eval mode (it syncs batch statistics in training only)
+BATCHNORM_MODULES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                                       FrozenBatchNorm2d)
 for _t in BATCHNORM_MODULES + (ChannelAffine,):
     register_rule(_t, Kind.CHANNEL_PARAMS)
 _FROZEN_BATCHNORM_RULE = Rule(Kind.CHANNEL_PARAMS)

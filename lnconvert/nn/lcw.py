@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..layers import layer_spec
+
 
 class ZeroSumFanIn(nn.Module):
     """Parametrization ``w -> w - mean(w)`` over every axis but the first (output units)."""
@@ -31,8 +33,6 @@ def lcw(module: nn.Module) -> nn.Module:
     module. The stored
     ``parametrizations.weight.original`` keeps the current values, so a weight that already
     sums to zero is unchanged."""
-    from ..layers import layer_spec  # the registry imports this package's NormProp classes
-
     spec = layer_spec(module)
     if spec is None or not spec.lcw:
         raise TypeError(f"lcw supports Conv1d/2d/3d and Linear (layers registered with an LCW form), "

@@ -4,10 +4,13 @@ batch statistics (formulas in ``docs/strategies.md``)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..layers import CONV, LINEAR, add_forms, layer_spec, register_layer
 
 NORMPROP_C = 1.21  # the co-authors' code divides every dense and conv pre-activation by it
 RELU_MEAN = math.sqrt(1 / (2 * math.pi))             # E[relu(u)] for u ~ N(0, 1)
@@ -105,12 +108,18 @@ def normprop_from(module: nn.Module, c: float = NORMPROP_C) -> nn.Module:
     """The NormProp layer computing exactly what ``module`` (conv / linear) computes: same
     weight, ``gamma_j = c * ||W_j||``, same bias (zero when it had none); buffers (e.g. the
     widen pass's twin marks) are kept. Which NormProp class fits is the layer registry's answer."""
-    from ..layers import layer_spec  # the registry imports this module's classes
-
     spec = layer_spec(module)
     if spec is None or spec.normprop is None:
         raise TypeError(f"no NormProp form for {type(module).__name__}")
     return spec.normprop.from_layer(module, c)
+
+
+# NormProp layers compute through an effective weight and absorb like their family; no BN is ever
+# folded into one (fold_bn runs before the NormProp pass creates them)
+for _layer, _base in ((NormPropConv1d, nn.Conv1d), (NormPropConv2d, nn.Conv2d), (NormPropConv3d, nn.Conv3d),
+                      (NormPropLinear, nn.Linear)):
+    register_layer(_layer, replace(LINEAR if _base is nn.Linear else CONV, folds_bn=False))
+    add_forms(_base, normprop=_layer)
 
 
 class ReLURenorm(nn.Module):

@@ -6,12 +6,12 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..analysis import call_site_counts, reads_input, shape_of
+from ..analysis import reads_input, shape_of
 from ..errors import UnsupportedModelError
 from ..layers import FOLDED_BN, layer_spec
 from ..nn import ChannelAffine
 from ..options import PassContext
-from ..rewrite import own_module
+from ..rewrite import call_site_counts, own_module
 from ..rules import CAT_FUNCTIONS, batchnorm_channels, is_batchnorm
 
 

@@ -282,7 +282,7 @@ def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Pat
     result of the same configuration is reused."""
     import json
 
-    from ..io import atomic_path
+    from ..files import atomic_path
 
     previous = distributed.from_main(lambda: cached_result(cfg, arm, batch_size, pretrained_path) if resume else None)
     if previous is not None:
