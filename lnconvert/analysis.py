@@ -140,7 +140,7 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
         def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             calls[name] += 1
             key = name if calls[name] == 1 else f"{name}#{calls[name]}"
-            dim = module.dim if isinstance(module, LinkedActivation) else channel_dim
+            dim = module.dim if isinstance(module, LinkedActivation) else channel_dim  # ours: its own axis
             now = _alive(out, normalize_dim(dim, out.dim()), threshold)
             alive[key] = alive[key] | now if key in alive else now
             info[key] = (name, module)
@@ -149,7 +149,7 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
     handles = [model.register_forward_pre_hook(lambda *_: calls.clear())]
     for name, module in model.named_modules():
         activation = layer_type(module) in ACTIVATION_MODULES and not inside_linked(name)
-        if activation or isinstance(module, LinkedActivation):
+        if activation or isinstance(module, LinkedActivation):  # ours: hooked as one layer
             handles.append(module.register_forward_hook(hook(name)))
     training = model.training
     try:
@@ -167,7 +167,7 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
     rows = []
     for key, live in alive.items():
         _, module = info[key]
-        if isinstance(module, LinkedActivation):
+        if isinstance(module, LinkedActivation):  # ours: primaries and twins in its layout
             if module.subset:  # compacted: primaries, then twins of the kept channels only
                 channels = live.numel() - module.twin_index.numel()
                 layout = Layout.linked(channels, 1, module.dim, "", module.twin_index.tolist())

@@ -83,7 +83,7 @@ def twin_weight_norms(gm: fx.GraphModule) -> dict[Twin, float]:
             for origin in layout.origin(c):
                 sq[origin] = math.inf
     for node in gm.graph.nodes:  # GatedMerge, LinkedActivation: lnconvert's own modules
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GatedMerge):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GatedMerge):  # ours
             gate, layout = gm.get_submodule(node.target).gate.detach(), node.meta[IN_LAYOUT]
             for c, value in enumerate(gate.double().pow(2).tolist()):
                 for origin in layout.origin(c):
@@ -171,7 +171,7 @@ def _move_weights(old: fx.GraphModule, new: fx.GraphModule) -> None:
             for name, value in old_module.state_dict().items():
                 if value.dim() == 1 and value.numel() == old_layout.width:
                     state[f"{previous.target}.{name}"] = _remap_channels(value, old_layout, new_layout)
-        elif isinstance(new_module, LinkedActivation) and new_module.subset and new_module.twin_act is not None:
+        elif isinstance(new_module, LinkedActivation) and new_module.subset and new_module.twin_act is not None:  # ours
             kept = new_module.twin_index
             for name, value in new_module.twin_act.named_parameters():
                 full = state[f"{previous.target}.twin_act.{name}"]

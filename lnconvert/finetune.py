@@ -150,9 +150,9 @@ def _twin_only(model: nn.Module) -> Iterator[nn.Parameter]:
     """Parameters acting on twins alone: a mirrored activation's own twin copy (PReLU slopes)
     and the ``gate`` of residual GatedMerge boundaries."""
     for module in model.modules():  # lnconvert's own modules, any subclass included
-        if isinstance(module, LinkedActivation) and module.twin_act is not None:
+        if isinstance(module, LinkedActivation) and module.twin_act is not None:  # ours
             yield from module.twin_act.parameters()
-        elif isinstance(module, GatedMerge):
+        elif isinstance(module, GatedMerge):  # ours
             yield module.gate
 
 

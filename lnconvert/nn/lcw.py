@@ -24,7 +24,7 @@ class ZeroSumFanIn(nn.Module):
 
 def is_lcw(module: nn.Module) -> bool:
     return parametrize.is_parametrized(module, "weight") and any(
-        isinstance(p, ZeroSumFanIn) for p in module.parametrizations["weight"])
+        isinstance(p, ZeroSumFanIn) for p in module.parametrizations["weight"])  # ours, not a layer type
 
 
 def lcw(module: nn.Module) -> nn.Module:

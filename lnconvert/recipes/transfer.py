@@ -110,6 +110,7 @@ def bn_input_shift(model: nn.Module, source: TensorDataset, target: TensorDatase
     and of the target-to-running variance ratio (1 and 0 mean the statistics still fit); the
     same on source data shows the baseline."""
     rows, stats = [], {}
+    # training recipes act on torch's trainable BN (statistics, train/eval mode), not on conversion
     bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
     def hook(name):
@@ -142,7 +143,7 @@ def to_groupnorm(model: nn.Module) -> nn.Module:
     """Every BatchNorm2d replaced by a fresh ``GroupNorm(min(32, C), C)`` (Opacus's fix), in place."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.BatchNorm2d):
+            if isinstance(child, nn.BatchNorm2d):  # the arm replaces trainable 2-D BNs only
                 setattr(module, child_name, nn.GroupNorm(min(32, child.num_features), child.num_features))
     return model
 
@@ -150,7 +151,7 @@ def to_groupnorm(model: nn.Module) -> nn.Module:
 def freeze_batchnorm_statistics(model: nn.Module) -> None:
     """BN layers to eval mode (running statistics used, not updated); their affine stays trainable."""
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):  # every trainable BN has a train mode
             module.eval()
 
 
