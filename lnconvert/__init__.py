@@ -7,8 +7,7 @@ from .convert import ConversionResult, convert, remaining_batchnorm  # noqa: E40
 from .errors import LnConvertError  # noqa: E402
 from .export import export_onnx, verify_onnx  # noqa: E402
 from .finetune import merge_twins, param_groups, split_twins  # noqa: E402
-from .io import load, load_result, save  # noqa: E402
-from .models import load_model  # noqa: E402
+from .io import load, load_model, load_result, save  # noqa: E402
 from .report import ConversionReport  # noqa: E402
 from .rules import register_rule  # noqa: E402
 

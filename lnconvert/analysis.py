@@ -1,9 +1,11 @@
-"""Read-only facts about a GraphModule: shapes, channel counts, costs, call sites."""
+"""Facts about a GraphModule: shapes, channel counts, costs, call sites, dead units.
+
+Nothing here changes a graph or a module (``propagate_shapes`` only records ``tensor_meta``
+on the nodes); the edits passes make are in :mod:`lnconvert.rewrite`."""
 from __future__ import annotations
 
 import contextlib
 import io
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -12,9 +14,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .layers import layer_spec
 from .layout import Layout
 from .nn import LinkedActivation
-from .rules import ABSORB_MODULES, ACTIVATION_MODULES, CONV_TRANSPOSE_MODULES
+from .rewrite import insert_module_after, own_module  # noqa: F401  (old import path: passes/lower_linked)
+from .rules import ACTIVATION_MODULES, layer_type
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -54,48 +58,6 @@ def reads_input(node: fx.Node) -> bool:
     return False
 
 
-def call_site_counts(gm: fx.GraphModule) -> Counter:
-    """How many call_module nodes use each submodule (shared modules have > 1)."""
-    return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-
-
-def own_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, suffix: str) -> None:
-    """Install ``module`` for this call site only, under a fresh name when the old
-    submodule is shared with other call sites, so rewriting one site leaves the rest alone."""
-    if call_site_counts(gm)[node.target] == 1:
-        parent, _, leaf = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
-        return
-    base = f"{node.target}_{suffix}"
-    name, i = base, 1
-    while _has_submodule(gm, name):
-        i += 1
-        name = f"{base}{i}"
-    gm.add_submodule(name, module)
-    node.target = name
-
-
-def _has_submodule(gm: fx.GraphModule, name: str) -> bool:
-    try:
-        gm.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def insert_module_after(gm: fx.GraphModule, anchor: fx.Node, module: nn.Module, name: str,
-                        args: tuple) -> fx.Node:
-    """Add ``module`` under a unique name derived from ``name`` and call it right after ``anchor``."""
-    base = name.replace(".", "_")
-    unique, i = base, 1
-    while _has_submodule(gm, unique):
-        i += 1
-        unique = f"{base}_{i}"
-    gm.add_submodule(unique, module)
-    with gm.graph.inserting_after(anchor):
-        return gm.graph.call_module(unique, args)
-
-
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -104,38 +66,27 @@ def count_macs(gm: fx.GraphModule) -> int:
     """Multiply-accumulates per sample of every conv / linear, from recorded shapes."""
     total = 0
     for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        if not isinstance(module, tuple(ABSORB_MODULES)):
-            continue
+        spec = layer_spec(gm.get_submodule(node.target)) if node.op == "call_module" else None
         out_shape = shape_of(node)
         in_shape = shape_of(node.args[0]) if node.args else None
-        if out_shape is None or in_shape is None:
-            continue
-        if isinstance(module, nn.Linear):
-            total += math.prod(out_shape[1:]) * module.in_features
-        elif isinstance(module, CONV_TRANSPOSE_MODULES):
-            total += math.prod(in_shape[1:]) * (module.out_channels // module.groups) * math.prod(module.kernel_size)
-        else:
-            total += math.prod(out_shape[1:]) * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        if spec is not None and out_shape is not None and in_shape is not None:
+            total += spec.macs(gm.get_submodule(node.target), in_shape, out_shape)
     return int(total)
 
 
-def check_channels(gm: fx.GraphModule, pass_name: str) -> None:
-    """After a structural pass: every absorbing module's input width matches its weights."""
+def channel_mismatch(gm: fx.GraphModule) -> str | None:
+    """The first conv / linear whose input width (from the recorded shapes) differs from what
+    its weights read, described; None when all match."""
     for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
+        spec = layer_spec(gm.get_submodule(node.target)) if node.op == "call_module" else None
         in_shape = shape_of(node.args[0]) if node.args else None
-        if in_shape is None or not isinstance(module, tuple(ABSORB_MODULES)):
+        if spec is None or in_shape is None:
             continue
-        expected = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-        got = in_shape[-1] if isinstance(module, nn.Linear) else in_shape[1]
+        expected = spec.in_channels(gm.get_submodule(node.target))
+        got = in_shape[spec.input_channel_dim(len(in_shape))]
         if got != expected:
-            raise AssertionError(f"after pass {pass_name}: node {node.name} ({node.target}) gets {got} "
-                                 f"channels but its module expects {expected}")
+            return f"node {node.name} ({node.target}) gets {got} channels but its module expects {expected}"
+    return None
 
 
 @dataclass
@@ -179,6 +130,7 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
     alive: dict[str, torch.Tensor] = {}
     info: dict[str, tuple[str, nn.Module]] = {}
     calls: Counter = Counter()
+    # LinkedActivation is lnconvert's own module (not a user layer type): any subclass is one
     linked_names = [n for n, m in model.named_modules() if isinstance(m, LinkedActivation)]
 
     def inside_linked(name: str) -> bool:  # the inner act of a LinkedActivation is part of it
@@ -188,7 +140,7 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
         def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             calls[name] += 1
             key = name if calls[name] == 1 else f"{name}#{calls[name]}"
-            dim = module.dim if isinstance(module, LinkedActivation) else channel_dim
+            dim = module.dim if isinstance(module, LinkedActivation) else channel_dim  # ours: its own axis
             now = _alive(out, normalize_dim(dim, out.dim()), threshold)
             alive[key] = alive[key] | now if key in alive else now
             info[key] = (name, module)
@@ -196,7 +148,8 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
 
     handles = [model.register_forward_pre_hook(lambda *_: calls.clear())]
     for name, module in model.named_modules():
-        if isinstance(module, LinkedActivation) or (type(module) in ACTIVATION_MODULES and not inside_linked(name)):
+        activation = layer_type(module) in ACTIVATION_MODULES and not inside_linked(name)
+        if activation or isinstance(module, LinkedActivation):  # ours: hooked as one layer
             handles.append(module.register_forward_hook(hook(name)))
     training = model.training
     try:
@@ -214,7 +167,7 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
     rows = []
     for key, live in alive.items():
         _, module = info[key]
-        if isinstance(module, LinkedActivation):
+        if isinstance(module, LinkedActivation):  # ours: primaries and twins in its layout
             if module.subset:  # compacted: primaries, then twins of the kept channels only
                 channels = live.numel() - module.twin_index.numel()
                 layout = Layout.linked(channels, 1, module.dim, "", module.twin_index.tolist())
@@ -227,5 +180,5 @@ def dead_units(model: nn.Module, loader: Iterable[Any], *, threshold: float = 0.
             rows.append(DeadUnits(key, kind, layout.channels, int((~(primary | twin)).sum()), int((~primary).sum())))
         else:
             dead = int((~live).sum())
-            rows.append(DeadUnits(key, ACTIVATION_MODULES[type(module)], live.numel(), dead, dead))
+            rows.append(DeadUnits(key, ACTIVATION_MODULES[layer_type(module)], live.numel(), dead, dead))
     return rows

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from .errors import UsageError, one_line
+from .options import renamed_argument
+from .rules import is_batchnorm_like
 
 
 def batchnorm_without_stats(model: nn.Module) -> list[str]:
     """Names of the BatchNorm modules that normalise with batch statistics in eval mode."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None]
+    return [name for name, m in model.named_modules() if is_batchnorm_like(m) and m.running_mean is None]
 
 
 @torch.no_grad()
@@ -30,8 +31,6 @@ def calibrate_batchnorm(model: nn.Module, data: Iterable[torch.Tensor] | None = 
     average, as ``momentum=None`` gives). Everything else runs in eval mode meanwhile, so BNs
     that have statistics, dropout etc. are untouched. ``model`` itself is not modified.
     ``batches`` is the deprecated name of ``data``."""
-    from .convert import renamed_argument
-
     data = renamed_argument(data, batches, "batches", "data", "calibrate_batchnorm")
     if data is None:
         raise UsageError("calibrate_batchnorm needs data (batches of inputs)")

@@ -1,10 +1,11 @@
 """Command line: ``lnconvert MODEL [options]`` converts; subcommands for the rest."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import click
 import typer
@@ -50,6 +51,21 @@ def _fail(exc: BaseException, debug: bool, where: str = "") -> None:
     raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def _exit_codes(debug: bool, interrupted: str = "interrupted; no output was written") -> Iterator[None]:
+    """Every failure inside becomes one line on stderr and the exit code of its error type
+    (:data:`lnconvert.errors.EXIT_CODES`); typer's own exits pass through."""
+    try:
+        yield
+    except (typer.Exit, click.exceptions.Exit):
+        raise
+    except KeyboardInterrupt:
+        err.print(interrupted, soft_wrap=True, highlight=False)
+        raise typer.Exit(130) from None
+    except BaseException as exc:
+        _fail(exc, debug)
+
+
 def _parse_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
     if text is None:
         return None
@@ -80,26 +96,6 @@ def _read_tensor_file(path: Path, flag: str):
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         raise UsageError(f"{flag} {path} must hold one floating-point tensor (N, C, ...)")
     return tensor
-
-
-def _calibrated(net, data: Optional[Path], drop_bn: bool):
-    """``net`` with running statistics estimated on ``data`` for its BatchNorms that have none;
-    without data, such a model cannot lose its BatchNorm: refused under --drop-bn."""
-    from .calibrate import batchnorm_without_stats, calibrate_batchnorm
-    from .errors import UnsupportedModelError
-
-    missing = batchnorm_without_stats(net)
-    if data is not None:
-        batch = _read_tensor_file(data, "--calibrate")
-        err.print(f"note: calibrated {len(missing)} BatchNorm without running statistics on {batch.shape[0]} "
-                  f"samples of {data}")
-        return calibrate_batchnorm(net, batch.split(32))
-    if missing and drop_bn:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UnsupportedModelError(f"BatchNorm '{missing[0]}'{more} has no running statistics "
-                                    f"(track_running_stats=False), so it normalises each batch by itself and cannot "
-                                    f"be removed; pass --calibrate DATA to estimate them, or --keep-bn")
-    return net
 
 
 def print_report(report, console: Console = out) -> None:
@@ -175,13 +171,12 @@ def convert_cmd(
 ) -> None:
     """Convert MODEL, verify it against the original and save it (safetensors + spec)."""
     from .convert import convert
-    from .io import FORMATS, check_output_path, save_with_spec, spec_for
-    from .models import load_model
+    from .files import atomic_path, check_output_path
+    from .io import FORMATS, load_model, save
+    from .options import ConvertOptions
     from .trace import default_example_inputs
 
-    try:
-        from .options import ConvertOptions
-
+    with _exit_codes(debug):
         size = _parse_size(input_size)
         acts = [a for a in activations.split(",")] if activations else None
         ConvertOptions(drop_bn=drop_bn, policy=policy, residual=residual, activations=acts, tolerance=tolerance,
@@ -199,55 +194,56 @@ def convert_cmd(
         for extra in (report_json, onnx, optimized):
             if extra is not None:
                 check_output_path(extra, force)
+        calibration = _read_tensor_file(calibrate, "--calibrate") if calibrate is not None else None
         with err.status(f"loading {model}"):
             net = load_model(model, weights, trust_pickle=trust_pickle, trust_source=trust_source,
                              weights_key=weights_key)
         if weights is None:
             err.print(f"note: no --weights given; converting {model}'s own (random) initialisation")
-        net = _calibrated(net, calibrate, drop_bn)
         inputs = default_example_inputs(net, input_size=size)
         with err.status(f"converting {model}"):
             try:
                 result = convert(net, drop_bn=drop_bn, link=link, policy=policy, activations=acts,
                                  residual=residual, example_inputs=inputs, verify=verify, leaf_modules=leaf or (),
                                  tolerance=tolerance, precision=precision, name=model, norm=norm, lcw=lcw,
-                                 partial=partial, submodules=submodule or None)
+                                 partial=partial, submodules=submodule or None,
+                                 calibration_data=None if calibration is None else calibration.split(32))
             except ParityError as exc:
                 if exc.report is not None:
                     print_report(exc.report, err)
                 raise
+        if result.report.calibrated:
+            err.print(f"note: calibrated {len(result.report.calibrated)} BatchNorm without running statistics on "
+                      f"{calibration.shape[0]} samples of {calibrate}")
         print_report(result.report)
         if target is not None:
-            spec = spec_for(model, weights, result.report.options, [list(t.shape) for t in inputs],
-                            result.report.to_dict(), calibrated=calibrate is not None)
-            save_with_spec(result.model, target, spec, force=force, format=save_format)
+            save(result, target, format=save_format, force=force)
             out.print(f"saved {target}")
         if onnx is not None:
-            from .export import export_onnx, require_parity, verify_onnx
-
-            with err.status(f"exporting {onnx}"):
-                export_onnx(result, onnx, force=force)
-                rows = verify_onnx(onnx, net, sample_shape=inputs[0].shape[1:], tolerance=tolerance)
-            print_parity(rows, f"ONNX Runtime vs original: {onnx}")
-            print_layout_ops(onnx, net, tuple(inputs[0].shape[1:]))
-            require_parity(rows, onnx)
-            if optimized is not None:
-                from .export import optimize_onnx
-
-                optimize_onnx(onnx, optimized, level=optimize, force=force)
-                rows = verify_onnx(optimized, net, sample_shape=inputs[0].shape[1:], tolerance=tolerance)
-                print_parity(rows, f"ONNX Runtime ({optimize} optimisation) vs original: {optimized}")
-                require_parity(rows, optimized)
+            _export_and_check(result, net, inputs, onnx, optimized, optimize, tolerance, force)
         if report_json is not None:
-            from .io import atomic_path
-
             with atomic_path(report_json) as tmp:
                 Path(tmp).write_text(result.report.to_json())
             out.print(f"report {report_json}")
-    except (typer.Exit, click.exceptions.Exit):
-        raise
-    except BaseException as exc:  # every failure becomes one line and an exit code
-        _fail(exc, debug)
+
+
+def _export_and_check(result, net, inputs, onnx: Path, optimized: Optional[Path], optimize: Optional[str],
+                      tolerance: float, force: bool) -> None:
+    """Export ``result`` to ``onnx`` (and ORT's optimised graph to ``optimized``), each checked
+    in ONNX Runtime against the original ``net``."""
+    from .export import export_onnx, optimize_onnx, require_parity, verify_onnx
+
+    with err.status(f"exporting {onnx}"):
+        export_onnx(result, onnx, force=force)
+        rows = verify_onnx(onnx, net, sample_shape=inputs[0].shape[1:], tolerance=tolerance)
+    print_parity(rows, f"ONNX Runtime vs original: {onnx}")
+    print_layout_ops(onnx, net, tuple(inputs[0].shape[1:]))
+    require_parity(rows, onnx)
+    if optimized is not None:
+        optimize_onnx(onnx, optimized, level=optimize, force=force)
+        rows = verify_onnx(optimized, net, sample_shape=inputs[0].shape[1:], tolerance=tolerance)
+        print_parity(rows, f"ONNX Runtime ({optimize} optimisation) vs original: {optimized}")
+        require_parity(rows, optimized)
 
 
 def _optimized_path(onnx: Optional[Path], level: Optional[str]) -> Optional[Path]:
@@ -310,9 +306,9 @@ def verify_onnx_cmd(
 ) -> None:
     """Check an existing ONNX file against a PyTorch reference in ONNX Runtime; exit 5 on mismatch."""
     from .export import require_parity, verify_onnx
-    from .models import load_model
+    from .io import load_model
 
-    try:
+    with _exit_codes(debug):
         size = _parse_size(input_size)
         with err.status(f"loading {reference}"):
             ref = load_model(reference, weights, trust_pickle=trust_pickle, trust_source=trust_source,
@@ -325,10 +321,6 @@ def verify_onnx_cmd(
         print_parity(rows, f"ONNX Runtime vs {reference}: {onnx_file}", out)
         print_layout_ops(onnx_file, ref, size)
         require_parity(rows, onnx_file)
-    except (typer.Exit, click.exceptions.Exit):
-        raise
-    except BaseException as exc:
-        _fail(exc, debug)
 
 
 @app.command("compact", no_args_is_help=True)
@@ -347,7 +339,7 @@ def compact_cmd(
     from .compact import compact
     from .io import check_output_path, load_result, read_spec, save_with_spec, spec_for
 
-    try:
+    with _exit_codes(debug):
         target = check_output_path(output or saved_model.with_name(saved_model.name.replace(
             ".safetensors", "") + "-compact.safetensors"), force)
         batches = None if data is None else list(_read_tensor_file(data, "--data").split(32))
@@ -372,10 +364,6 @@ def compact_cmd(
         save_with_spec(result.model, target, spec_for(spec["source"], spec.get("weights"), options,
                                                       spec["input_shape"], spec["report"]), force=force)
         out.print(f"saved {target}")
-    except (typer.Exit, click.exceptions.Exit):
-        raise
-    except BaseException as exc:
-        _fail(exc, debug)
 
 
 @app.command("list")
@@ -430,7 +418,9 @@ def zoo_cmd(
     from .options import ConvertOptions
     from .zoo import ZooOptions, run_zoo, select_models
 
-    try:
+    # finished rows are on disk and running children were ended
+    interrupted = f"interrupted; the rows finished so far are in {out_prefix}.csv (run again to resume)"
+    with _exit_codes(debug, interrupted):
         ConvertOptions(policy=policy, residual=residual)  # validate before any model runs
         if input_size is not None and input_size <= 0:
             raise UsageError(f"--input-size must be a positive side length, got {input_size}")
@@ -449,14 +439,6 @@ def zoo_cmd(
         mine = [r for r in rows if r["model"] in chosen]
         out.print(", ".join(f"{sum(r['status'] == s for r in mine)} {s}" for s in ("exact", "partial", "failed"))
                   + f" of {len(mine)}; report {out_prefix}.csv, {out_prefix}.md", highlight=False)
-    except (typer.Exit, click.exceptions.Exit):
-        raise
-    except KeyboardInterrupt:  # finished rows are on disk; running children were ended
-        err.print(f"interrupted; the rows finished so far are in {out_prefix}.csv (run again to resume)",
-                  soft_wrap=True, highlight=False)
-        raise typer.Exit(130)
-    except BaseException as exc:
-        _fail(exc, debug)
 
 
 recipe_app = typer.Typer(no_args_is_help=True, help="Runnable recipes (recipes/*.yaml): train, convert, "
@@ -479,7 +461,7 @@ def recipe_run(
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Run a recipe: metrics JSON, PNG plots, checkpoints (resumed) and the final model in OUT."""
-    try:
+    try:  # not _exit_codes: under torchrun one rank reports the run's failure and every rank exits non-zero
         from .recipes import run_recipe
 
         run_recipe(path, out=out_dir, overrides=overrides or (), resume=not fresh, weights=weights, data=data,

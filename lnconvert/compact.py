@@ -27,11 +27,11 @@ from .analysis import shape_of
 from .convert import ConversionResult, as_result, convert
 from .errors import UsageError
 from .finetune import merge_twins
+from .layers import IN_LAYOUT, LAYOUT, LayerSpec, layer_spec
 from .layout import Layout
 from .nn import GatedMerge, LinkedActivation
 from .passes.widen import foreign_twins, read_columns, write_columns
 from .report import DEFAULT_TOLERANCE
-from .rules import ABSORB_MODULES, CONV_TRANSPOSE_MODULES
 from .verify import compare
 
 Twin = tuple[str, int]  # (activation node name, channel)
@@ -59,35 +59,34 @@ class CompactResult:
 
 
 # ------------------------------------------------------------------ what reads each twin
-def _absorber_nodes(gm: fx.GraphModule) -> Iterable[tuple[fx.Node, nn.Module, Layout]]:
+def _absorber_nodes(gm: fx.GraphModule) -> Iterable[tuple[fx.Node, nn.Module, LayerSpec, Layout]]:
     for node in gm.graph.nodes:
-        layout = node.meta.get("lnc_in_layout")
+        layout = node.meta.get(IN_LAYOUT)
         if node.op == "call_module" and layout is not None:
             module = gm.get_submodule(node.target)
-            if isinstance(module, tuple(ABSORB_MODULES)):
-                yield node, module, layout
+            spec = layer_spec(module)
+            if spec is not None:
+                yield node, module, spec, layout
 
 
 def twin_weight_norms(gm: fx.GraphModule) -> dict[Twin, float]:
     """Per twin, the L2 norm of every weight that reads it (absorbers) plus its residual gates."""
     sq: dict[Twin, float] = defaultdict(float)
-    for node, module, layout in _absorber_nodes(gm):
+    for node, module, spec, layout in _absorber_nodes(gm):
         _, twin_w = read_columns(module, layout)
-        if isinstance(module, CONV_TRANSPOSE_MODULES):  # (in, out/groups, *k)
-            per_channel = twin_w.double().pow(2).flatten(1).sum(1)
-        elif getattr(module, "groups", 1) > 1:
+        if spec.grouped_input and module.groups > 1:
             per_channel = _per_logical_grouped(twin_w, module, layout)
-        else:  # (out, in, *k)
-            per_channel = twin_w.double().pow(2).transpose(0, 1).flatten(1).sum(1)
+        else:  # every entry along the input axis is one logical channel's
+            per_channel = twin_w.double().pow(2).movedim(spec.weight_in_axis, 0).flatten(1).sum(1)
         for c, value in enumerate(per_channel.tolist()):
             for origin in layout.origin(c):
                 sq[origin] += value
         for c in foreign_twins(module, layout):
             for origin in layout.origin(c):
                 sq[origin] = math.inf
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GatedMerge):
-            gate, layout = gm.get_submodule(node.target).gate.detach(), node.meta["lnc_in_layout"]
+    for node in gm.graph.nodes:  # GatedMerge, LinkedActivation: lnconvert's own modules
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GatedMerge):  # ours
+            gate, layout = gm.get_submodule(node.target).gate.detach(), node.meta[IN_LAYOUT]
             for c, value in enumerate(gate.double().pow(2).tolist()):
                 for origin in layout.origin(c):
                     sq[origin] += value
@@ -105,18 +104,17 @@ def _per_logical_grouped(twin_w: torch.Tensor, module: nn.Module, layout: Layout
 def twin_macs(gm: fx.GraphModule) -> dict[Twin, int]:
     """MACs per sample that each twin costs in the absorbers that read it."""
     cost: dict[Twin, int] = defaultdict(int)
-    for node, module, layout in _absorber_nodes(gm):
-        out, inp = shape_of(node), shape_of(node.args[0])
-        if isinstance(module, nn.Linear):
-            per_column = module.out_features * math.prod(out[1:-1])
-        elif isinstance(module, CONV_TRANSPOSE_MODULES):
-            per_column = module.out_channels // module.groups * math.prod(inp[2:]) * math.prod(module.kernel_size)
-        else:
-            per_column = module.out_channels // module.groups * math.prod(out[2:]) * math.prod(module.kernel_size)
+    for node, module, spec, layout in _absorber_nodes(gm):
+        per_column = spec.macs_per_input_channel(module, shape_of(node.args[0]), shape_of(node))
         for c in range(layout.channels):
             for origin in layout.origin(c):
                 cost[origin] += per_column
     return cost
+
+
+def _linked_nodes(gm: fx.GraphModule) -> Iterable[tuple[fx.Node, Layout]]:
+    """The linked activations (the link pass records their output layout) with that layout."""
+    return [(node, node.meta[LAYOUT]) for node in gm.graph.nodes if node.op == "call_module" and LAYOUT in node.meta]
 
 
 @torch.no_grad()
@@ -125,11 +123,7 @@ def twin_activity(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ...]
     total: dict[Twin, float] = defaultdict(float)
     count = [0]
     hooks = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), LinkedActivation):
-            continue
-        layout = node.meta["lnc_layout"]
-
+    for node, layout in _linked_nodes(gm):
         def hook(module, args, output, layout=layout, name=node.name):
             moved = output.detach().movedim(layout.dim, 0).abs().flatten(1).mean(1).double()
             for c, t in enumerate(layout.twin):
@@ -151,13 +145,8 @@ def twin_activity(gm: fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ...]
 # ------------------------------------------------------------------ rebuilding
 def _linked_twins(gm: fx.GraphModule) -> dict[str, tuple[int, int, list[int]]]:
     """Per linked activation: (channels, groups, channels that have a twin)."""
-    out = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LinkedActivation):
-            layout = node.meta["lnc_layout"]
-            out[node.name] = (layout.channels, gm.get_submodule(node.target).groups,
-                              [c for c, t in enumerate(layout.twin) if t >= 0])
-    return out
+    return {node.name: (layout.channels, gm.get_submodule(node.target).groups,
+                        [c for c, t in enumerate(layout.twin) if t >= 0]) for node, layout in _linked_nodes(gm)}
 
 
 def _move_weights(old: fx.GraphModule, new: fx.GraphModule) -> None:
@@ -173,17 +162,18 @@ def _move_weights(old: fx.GraphModule, new: fx.GraphModule) -> None:
             continue
         targets[node.target] = previous.target
         old_module, new_module = old.get_submodule(previous.target), new.get_submodule(node.target)
-        old_layout = previous.meta.get("lnc_in_layout")
-        if old_layout is not None and isinstance(old_module, tuple(ABSORB_MODULES)):
-            new_layout = node.meta.get("lnc_in_layout") or Layout.plain(old_layout.channels, old_layout.dim)
+        old_layout = previous.meta.get(IN_LAYOUT)
+        if old_layout is not None and layer_spec(old_module) is not None:
+            new_layout = node.meta.get(IN_LAYOUT) or Layout.plain(old_layout.channels, old_layout.dim)
             rebuilt = write_columns(old_module, new_layout, *read_columns(old_module, old_layout))
             state[f"{previous.target}.weight"] = rebuilt.weight.detach()
+        # GatedMerge, LinkedActivation: lnconvert's own modules, whose parameters it lays out itself
         elif old_layout is not None and not isinstance(old_module, GatedMerge):  # per-channel params
-            new_layout = node.meta.get("lnc_in_layout") or Layout.plain(old_layout.channels, old_layout.dim)
+            new_layout = node.meta.get(IN_LAYOUT) or Layout.plain(old_layout.channels, old_layout.dim)
             for name, value in old_module.state_dict().items():
                 if value.dim() == 1 and value.numel() == old_layout.width:
                     state[f"{previous.target}.{name}"] = _remap_channels(value, old_layout, new_layout)
-        elif isinstance(new_module, LinkedActivation) and new_module.subset and new_module.twin_act is not None:
+        elif isinstance(new_module, LinkedActivation) and new_module.subset and new_module.twin_act is not None:  # ours
             kept = new_module.twin_index
             for name, value in new_module.twin_act.named_parameters():
                 full = state[f"{previous.target}.twin_act.{name}"]

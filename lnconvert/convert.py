@@ -1,23 +1,22 @@
 """Orchestration: trace -> analyse -> passes -> verify -> report."""
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import fx, nn
 from torch.ao.nn.quantized import FloatFunctional
 
-from . import __version__, passes
-from .analysis import check_channels, count_macs, count_params, propagate_shapes, reads_input
+from . import __version__
+from .analysis import count_macs, count_params, propagate_shapes, reads_input
+from .calibrate import batchnorm_without_stats, calibrate_batchnorm
 from .errors import ParityError, TraceError, UnsupportedModelError, UsageError, one_line
-from .options import ConvertOptions, PassContext
-from .plan import plan_links
+from .models import inherit_source
+from .options import ConvertOptions, PassContext, renamed_argument
+from .pipeline import AFTER_VERIFY, PIPELINE, run_pipeline, timed
 from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import batchnorm_statistics, is_batchnorm_like
 from .trace import default_example_inputs, private_eval_copy, trace
@@ -78,24 +77,6 @@ def as_result(obj: object, what: str) -> ConversionResult:
     return ConversionResult(obj, record.report, record.source, record.options, record.example_inputs)
 
 
-def renamed_argument(new_value, old_value, old: str, new: str, function: str, *, empty=None):
-    """The value of an argument renamed from ``old`` to ``new``: the old name still works for
-    one version, with a DeprecationWarning."""
-    if old_value is empty:
-        return new_value
-    if new_value is not empty:
-        raise UsageError(f"{function}: pass {new}= only ({old}= is its deprecated name)")
-    warnings.warn(f"{function}({old}=...) is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
-    return old_value
-
-
-@contextlib.contextmanager
-def _timed(report: ConversionReport, name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    report.pass_seconds[name] = report.pass_seconds.get(name, 0.0) + time.perf_counter() - start
-
-
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -123,6 +104,25 @@ def _check_supported(model: nn.Module) -> None:
         finite = torch.isfinite(tensor) if name in parameters or name in bn_stats else ~torch.isnan(tensor)
         if not finite.all():
             raise UnsupportedModelError(f"parameter '{name}' contains NaN or Inf; refusing to convert")
+
+
+def _with_running_statistics(model: nn.Module, data: Iterable[torch.Tensor] | None, drop_bn: bool,
+                             report: ConversionReport) -> nn.Module:
+    """``model``, or a copy whose BatchNorms without running statistics have them, estimated on
+    ``data``; without data such a model cannot lose its BatchNorm: refused when ``drop_bn``."""
+    missing = batchnorm_without_stats(model)
+    if missing and data is not None:
+        calibrated = calibrate_batchnorm(model, data)
+        inherit_source(calibrated, model)  # saved under the source's name, rebuilt calibrated on load
+        report.calibrated = missing
+        return calibrated
+    if missing and drop_bn:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UnsupportedModelError(f"BatchNorm '{missing[0]}'{more} has no running statistics "
+                                    f"(track_running_stats=False), so it normalises each batch by itself and cannot "
+                                    f"be removed; pass --calibrate DATA to estimate them, or --keep-bn "
+                                    f"(API: calibration_data=batches, drop_bn=False)")
+    return model
 
 
 def _is_channels_last(model: nn.Module) -> bool:
@@ -196,6 +196,28 @@ def _accept_float32_rounding(model: nn.Module, options: ConvertOptions, inputs: 
         f"copy converts within {error:.1e}")
 
 
+def _verify(model: nn.Module, gm: fx.GraphModule, options: ConvertOptions,
+            checks: list[tuple[str, tuple[torch.Tensor, ...]]], report: ConversionReport) -> None:
+    """Compare ``gm`` with ``model`` on ``checks`` into ``report.parity`` and set its status;
+    raise :class:`ParityError` when an output is beyond the tolerance (and not only by float32
+    rounding of a graph a float64 copy proves right)."""
+    with timed(report, "verify"):
+        report.parity = compare(model, gm, checks, options.tolerance, options.precision)
+        bad = [p for p in report.parity if not p.ok]
+        if bad and all(p.native_noise is not None and p.max_rel <= p.native_noise for p in bad):
+            _accept_float32_rounding(model, options, checks[0][1], checks, bad, report)
+            bad = [p for p in report.parity if not p.ok]
+    if bad:
+        report.status = "failed"
+        worst = max(bad, key=lambda p: p.max_rel)
+        checked = "" if report.float64_conversion_error is None else \
+            f" (within float32 rounding, but a float64 copy converts to {report.float64_conversion_error:.1e})"
+        raise ParityError(f"converted model differs from the original: {worst.output} on {worst.inputs} "
+                          f"input has max rel error {worst.max_rel:.3e} > tolerance {options.tolerance:.0e}{checked}",
+                          report)
+    report.status = "partial" if report.status_reasons else "exact"
+
+
 def convert(
     model: nn.Module,
     *,
@@ -218,6 +240,7 @@ def convert(
     verify_inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]] | None = None,
     partial: bool = False,
     submodules: Iterable[str] | None = None,
+    calibration_data: Iterable[torch.Tensor] | None = None,
 ) -> ConversionResult:
     """Convert a trained model into a BatchNorm-free model with linked activations.
 
@@ -248,6 +271,12 @@ def convert(
     With ``partial=True`` a traceable model whose BatchNorms sit inside opaque leaves (timm's
     non-traceable layers) has each such leaf converted on its own first; the converted leaves
     stay leaves of the whole model's graph.
+
+    A BatchNorm without running statistics (``track_running_stats=False``) normalises each batch
+    by itself and cannot be removed: with ``drop_bn`` it is refused (:class:`UnsupportedModelError`)
+    unless ``calibration_data`` (batches of inputs) is given, on which its statistics are estimated
+    first (:func:`lnconvert.calibrate_batchnorm`); the calibrated model is then what is converted and
+    verified, and ``report.calibrated`` names those BatchNorms.
     """
     options = ConvertOptions(drop_bn=drop_bn, link=link, policy=policy,
                              activations=tuple(activations) if activations is not None else None,
@@ -260,6 +289,7 @@ def convert(
     report = ConversionReport(model=name or type(model).__name__, options=options.to_dict(),
                               lnconvert_version=__version__, tolerance=tolerance)
     _check_supported(model)
+    model = _with_running_statistics(model, calibration_data, drop_bn, report)
     if model.training:
         report.warnings.append("model was in training mode: converted and verified in eval mode")
     param = next(model.parameters(), None)
@@ -271,7 +301,7 @@ def convert(
 
     gm, why = None, ""
     if submodules is None:
-        with _timed(report, "trace"):
+        with timed(report, "trace"):
             try:
                 gm = trace(private_eval_copy(model), options.leaf_modules)
             except TraceError as exc:
@@ -281,7 +311,7 @@ def convert(
     if gm is None:  # the named submodules, or the traceable parts of an untraceable model
         from .partial import convert_partial
 
-        with _timed(report, "partial"):
+        with timed(report, "partial"):
             return convert_partial(model, inputs, options, report, why=why, verify=verify,
                                    submodules=None if submodules is None else list(submodules),
                                    verify_inputs=[_as_tuple(x) for x in data])
@@ -290,84 +320,33 @@ def convert(
 
         opaque = list(dict.fromkeys(opaque_parts(gm)))
         if opaque:
-            with _timed(report, "partial"):
+            with timed(report, "partial"):
                 inner = convert_partial(model, inputs, options, report, submodules=opaque, verify=verify,
                                         whole=False).model
             converted = tuple(p["module"] for p in report.parts if p["action"] == "converted")
-            with _timed(report, "trace"):
+            with timed(report, "trace"):
                 gm = trace(private_eval_copy(inner), options.leaf_modules + converted)
-    with _timed(report, "analyse"):
+    with timed(report, "analyse"):
         try:
             propagate_shapes(gm, inputs)
         except Exception as exc:
             raise UsageError(f"the model does not run on inputs of shape "
                              f"{[tuple(t.shape) for t in inputs]}: {_first_line(exc)}") from exc
         report.params_before, report.macs_before = count_params(gm), count_macs(gm)
-    with _timed(report, "decompose_normact"):
-        gm = passes.decompose_normact.run(gm, ctx)
-    with _timed(report, "modularize"):
-        gm = passes.modularize.run(gm, ctx)
-    if options.norm == "deep-control":
-        with _timed(report, "deep_control"):
-            gm = passes.deep_control.run(gm, ctx)
-    if options.drop_bn:
-        with _timed(report, "fold_bn"):
-            gm = passes.fold_bn.run(gm, ctx)
-    if options.link:
-        with _timed(report, "plan"):
-            propagate_shapes(gm, inputs)
-            plan = plan_links(gm, options)
-        with _timed(report, "link"):
-            gm = passes.link.run(gm, ctx, plan)
-        with _timed(report, "widen"):
-            gm = passes.widen.run(gm, ctx, plan)
-        with _timed(report, "boundaries"):
-            gm = passes.boundaries.run(gm, ctx, plan)
-        with _timed(report, "relayout"):
-            gm = passes.relayout.run(gm, ctx, plan)
-    if options.norm == "normprop":
-        with _timed(report, "normprop"):
-            gm = passes.normprop.run(gm, ctx)
-    with _timed(report, "check"):
-        gm.graph.lint()
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        alive = {n.name for n in gm.graph.nodes}  # e.g. a shuffle's size() calls died with the shuffle
-        report.boundaries = [b for b in report.boundaries if b["consumer"] in alive]
-        gm.recompile()
-        propagate_shapes(gm, inputs)
-        check_channels(gm, "boundaries")
-        report.params_after, report.macs_after = count_params(gm), count_macs(gm)
-
+    gm = run_pipeline(gm, ctx, PIPELINE)
+    report.params_after, report.macs_after = count_params(gm), count_macs(gm)
     kept = remaining_batchnorm(gm)
     if options.drop_bn and kept:
         report.status_reasons.append(f"{len(kept)} BatchNorm kept ({kept[0]}{', ...' if len(kept) > 1 else ''})")
+    checks = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(data)]
     if verify:
-        labelled = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(data)]
-        with _timed(report, "verify"):
-            report.parity = compare(model, gm, labelled, tolerance, precision)
-        bad = [p for p in report.parity if not p.ok]
-        if bad and all(p.native_noise is not None and p.max_rel <= p.native_noise for p in bad):
-            with _timed(report, "verify"):
-                _accept_float32_rounding(model, options, inputs, labelled, bad, report)
-            bad = [p for p in report.parity if not p.ok]
-        if bad:
-            report.status = "failed"
-            worst = max(bad, key=lambda p: p.max_rel)
-            checked = "" if report.float64_conversion_error is None else \
-                f" (within float32 rounding, but a float64 copy converts to {report.float64_conversion_error:.1e})"
-            raise ParityError(f"converted model differs from the original: {worst.output} on {worst.inputs} "
-                              f"input has max rel error {worst.max_rel:.3e} > tolerance {tolerance:.0e}{checked}",
-                              report)
-        report.status = "partial" if report.status_reasons else "exact"
-    if options.lcw:
-        with _timed(report, "lcw"):
-            gm = passes.lcw.run(gm, ctx)
-        if verify:
-            report.lcw_deviation = max(p.max_rel for p in compare(model, gm, labelled, tolerance, precision))
-            report.status = "changed"
-            report.status_reasons.append(f"LCW projection changes the function by design: max rel deviation "
-                                         f"{report.lcw_deviation:.2e}; fine-tune to recover")
+        _verify(model, gm, options, checks, report)
+    gm = run_pipeline(gm, ctx, AFTER_VERIFY)
+    if options.lcw and verify:
+        report.lcw_deviation = max(p.max_rel for p in compare(model, gm, checks, tolerance, precision))
+        report.status = "changed"
+        report.status_reasons.append(f"LCW projection changes the function by design: max rel deviation "
+                                     f"{report.lcw_deviation:.2e}; fine-tune to recover")
     if _is_channels_last(model):  # rewritten weights are contiguous: give back the caller's memory format
         gm = gm.to(memory_format=torch.channels_last)
     gm.train(model.training)  # hand back the caller's mode

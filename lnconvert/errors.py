@@ -52,6 +52,16 @@ class UnsupportedModelError(LnConvertError):
     exit_code = 7
 
 
+class PassError(LnConvertError):
+    """A conversion pass left the graph inconsistent (a bug in lnconvert); the message names the pass."""
+
+    exit_code = 1
+
+    def __init__(self, pass_name: str, problem: str):
+        super().__init__(f"pass {pass_name}: {problem}")
+        self.pass_name = pass_name
+
+
 class DistributedError(LnConvertError):
     """A multi-process (torchrun) run lost a process or could not join its process group."""
 

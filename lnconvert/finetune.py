@@ -9,7 +9,7 @@ weight becomes two leaf parameters, primaries and twins, recombined on every for
 turns them back into plain weights; :func:`lnconvert.save` stores plain weights either way.
 
 Which entries are twins comes from the widen pass: every widened module carries the
-physical twin channels of its input (``lnc_twin_channels``).
+physical twin channels of its input (``layers.TWIN_BUFFER``).
 """
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import UsageError
+from .layers import TWIN_BUFFER, layer_spec
 from .nn import GatedMerge, LinkedActivation
-from .rules import CONV_TRANSPOSE_MODULES
-
-TWIN_BUFFER = "lnc_twin_channels"
 
 
 class TwinSplit(nn.Module):
@@ -69,15 +67,14 @@ def twin_masks(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
     twins = getattr(module, TWIN_BUFFER, None)
     if twins is None:
         return {}
-    if isinstance(module, CONV_TRANSPOSE_MODULES):  # weight (in, out/groups, *k): rows are input channels
-        return {"weight": (_isin(module.in_channels, twins), 0)}
-    if isinstance(module, nn.Linear):
-        return {"weight": (_isin(module.in_features, twins), 1)}
-    if isinstance(module, nn.modules.conv._ConvNd):  # weight (out, in/groups, *k)
+    spec = layer_spec(module)
+    if spec is not None and not spec.grouped_input:  # linear (out, in), transposed conv (in, out/groups, *k)
+        return {"weight": (_isin(spec.in_channels(module), twins), spec.weight_in_axis)}
+    if spec is not None:  # conv weight (out, in/groups, *k): a column is local to its row's group
         out, per_group = module.weight.shape[:2]
         group_of_row = torch.arange(out) // (out // module.groups)
         physical = group_of_row[:, None] * per_group + torch.arange(per_group)[None, :]
-        mask = _isin(module.in_channels, twins.cpu())[physical]
+        mask = _isin(spec.in_channels(module), twins.cpu())[physical]
         if (mask == mask[:1]).all():  # the usual case: every row has the same twin columns
             return {"weight": (mask[0], 1)}
         return {"weight": (mask, 0)}
@@ -88,7 +85,7 @@ def twin_masks(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
 
 def _is_split(module: nn.Module, name: str) -> bool:
     return parametrize.is_parametrized(module, name) and any(
-        isinstance(p, TwinSplit) for p in module.parametrizations[name])
+        isinstance(p, TwinSplit) for p in module.parametrizations[name])  # ours, not a layer type
 
 
 def split_twins(model: nn.Module) -> nn.Module:
@@ -152,10 +149,10 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _twin_only(model: nn.Module) -> Iterator[nn.Parameter]:
     """Parameters acting on twins alone: a mirrored activation's own twin copy (PReLU slopes)
     and the ``gate`` of residual GatedMerge boundaries."""
-    for module in model.modules():
-        if isinstance(module, LinkedActivation) and module.twin_act is not None:
+    for module in model.modules():  # lnconvert's own modules, any subclass included
+        if isinstance(module, LinkedActivation) and module.twin_act is not None:  # ours
             yield from module.twin_act.parameters()
-        elif isinstance(module, GatedMerge):
+        elif isinstance(module, GatedMerge):  # ours
             yield module.gate
 
 

@@ -1,4 +1,4 @@
-"""Saving and loading converted models.
+"""The saved-model format: saving and loading converted models.
 
 Default format (``safetensors``), with no pickle: one ``.safetensors`` file whose metadata
 holds the conversion spec (source model, options, example input shape, lnconvert version,
@@ -7,24 +7,25 @@ the same options (deterministic), then loads the weights.
 
 Deployment formats: ``pt2`` (a ``torch.export`` ExportedProgram with a dynamic batch axis)
 and ``torchscript`` (traced; scripting fails on several activation classes). Both embed the
-spec as an extra file. Writes are atomic: a temp file in the target directory, then a rename.
+spec as an extra file. Writes are atomic (:mod:`lnconvert.files`: a temp file in the target
+directory, then a rename).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
 from . import __version__
 from .errors import LnConvertError, ModelSourceError, OutputError, UsageError, one_line
+from .files import atomic_path, check_output_path  # noqa: F401  (also their old import path)
+from .models import is_registry_name, is_saved_model_path, source_name
+from .models import load_model as build_model
 from .options import ConvertOptions
 
 if TYPE_CHECKING:
@@ -44,39 +45,6 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "options": (dict,), "input_shape": (list,), "report": (dict,), "calibrated": (bool,), "recipe": (dict, type(None)),
 }
 _REQUIRED_KEYS = ("format", "source", "options", "input_shape")
-
-
-def check_output_path(path: str | Path, force: bool) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"output path {path} is a directory; give a file name")
-    if path.exists() and not force:
-        raise OutputError(f"{path} exists; pass --force to overwrite it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output directory {parent} is not writable")
-    return path
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[str]:
-    """Yield a temp path beside ``path``; rename it over ``path`` only if the block succeeds."""
-    path = Path(path)
-    # keep the real suffix last: torch.export checks it
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent or ".")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the user's usual permissions
-        os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave a partial file
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(result: "ConversionResult | fx.GraphModule", path: str | Path, spec: dict | None = None, *,
@@ -102,11 +70,9 @@ def spec_of(result: "ConversionResult") -> dict:
     """The spec :func:`save` writes for ``result``: its source by name when
     :func:`lnconvert.load_model` built it (unchanged since), else none (in-memory model:
     :func:`load` then needs ``model=``)."""
-    from .models import source_name
-
     name, weights = source_name(result.source)
     return spec_for(name, weights, result.options.to_dict(), [list(t.shape) for t in result.example_inputs],
-                    result.report.to_dict())
+                    result.report.to_dict(), calibrated=bool(result.report.calibrated))
 
 
 def save_with_spec(model: fx.GraphModule, path: str | Path, spec: dict, *, force: bool = False,
@@ -248,8 +214,6 @@ def trusted_source(spec: dict, path: str | Path, trust_source: bool) -> str:
     """The spec's source name, when rebuilding it imports no code the file names: a
     torchvision or timm registry name. Anything else (``module:callable``, a file path) is
     refused unless ``trust_source``: loading it would import and run what the file says."""
-    from .models import is_registry_name
-
     source = spec.get("source")
     if not source:
         raise ModelSourceError(f"{path} was converted from an in-memory model; pass model= (the source "
@@ -282,14 +246,13 @@ def load(path: str | Path, model: nn.Module | None = None, *, trust_source: bool
     from safetensors.torch import load_file
 
     from .convert import convert
-    from .models import load_model
 
     format = detect_format(path)
     if format != "safetensors":
         return _load_deployment(Path(path), format)
     spec = read_spec(path)
     if model is None:
-        model = load_model(trusted_source(spec, path, trust_source))
+        model = build_model(trusted_source(spec, path, trust_source))
     elif not isinstance(model, nn.Module):
         raise UsageError(f"model= must be the source architecture as an nn.Module, got {type(model).__name__}")
     options = ConvertOptions.from_dict(spec["options"]).graph_kwargs()
@@ -312,7 +275,6 @@ def load_result(path: str | Path, model: nn.Module | None = None, *, trust_sourc
     inputs and report included), e.g. for :func:`lnconvert.compact`. ``model`` and
     ``trust_source`` as in :func:`load`."""
     from .convert import ConversionResult
-    from .models import load_model
     from .report import ConversionReport
 
     if detect_format(path) != "safetensors":
@@ -321,7 +283,7 @@ def load_result(path: str | Path, model: nn.Module | None = None, *, trust_sourc
     if spec.get("calibrated"):
         raise ModelSourceError(f"{path} was converted with --calibrate, whose data is not stored; compact the "
                                f"ConversionResult of the calibrated model instead")
-    source = model if model is not None else load_model(trusted_source(spec, path, trust_source))
+    source = model if model is not None else build_model(trusted_source(spec, path, trust_source))
     inputs = tuple(torch.randn(shape, generator=torch.Generator().manual_seed(0)) for shape in spec["input_shape"])
     try:
         report = ConversionReport.from_dict({"model": spec["source"] or Path(path).stem, "options": spec["options"]}
@@ -330,3 +292,16 @@ def load_result(path: str | Path, model: nn.Module | None = None, *, trust_sourc
         raise ModelSourceError(f"{path}: invalid lnconvert spec: report: {one_line(exc)}") from None
     return ConversionResult(load(path, model=source), report, source, ConvertOptions.from_dict(spec["options"]),
                             inputs)
+
+
+def load_model(name: str, weights: str | None = None, *, trust_pickle: bool = False,
+               trust_source: bool = False, weights_key: str | None = None) -> nn.Module:
+    """Build a model by name with ``weights`` (:func:`lnconvert.models.load_model`: a torchvision
+    or timm name, or ``module:callable``; None, ``"DEFAULT"`` or a checkpoint). A path to a saved
+    lnconvert model (``.safetensors``, ``.pt2``, ``.torchscript.pt``) loads it instead
+    (``trust_source`` as in :func:`load`)."""
+    if is_saved_model_path(name):
+        if weights is not None:
+            raise ModelSourceError(f"{name} is a saved lnconvert model; it carries its own weights (drop --weights)")
+        return load(name, trust_source=trust_source)  # already in eval mode (a pt2 module cannot switch modes)
+    return build_model(name, weights, trust_pickle=trust_pickle, trust_source=trust_source, weights_key=weights_key)

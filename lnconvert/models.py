@@ -80,10 +80,26 @@ def source_name(model: nn.Module | None) -> tuple[str | None, str | None]:
     return entry[0], entry[1]
 
 
+SAVED_MODEL_SUFFIXES = (".safetensors", ".pt2", ".torchscript.pt")
+
+
+def is_saved_model_path(name: str) -> bool:
+    """Whether ``name`` names a saved lnconvert model file (by its suffix), not an architecture."""
+    return name.endswith(SAVED_MODEL_SUFFIXES)
+
+
+def inherit_source(derived: nn.Module, model: nn.Module) -> None:
+    """Record ``derived`` (e.g. a calibrated copy of ``model``) under ``model``'s source name, so
+    that saving a conversion of ``derived`` names the architecture it can be rebuilt from."""
+    name, weights = source_name(model)
+    if name is not None:
+        _SOURCES[derived] = (name, weights, _structure(derived))
+
+
 def is_registry_name(name: str) -> bool:
     """Whether ``name`` is a torchvision or timm registry name: building it imports no code
     that the name chooses (unlike ``module:callable`` or a file path)."""
-    if ":" in name or Path(name).suffix in (".safetensors", ".pt2") or name.endswith(".torchscript.pt"):
+    if ":" in name or is_saved_model_path(name):
         return False
     try:
         library, arch = resolve(name)
@@ -120,14 +136,11 @@ def load_model(name: str, weights: str | None = None, *, trust_pickle: bool = Fa
     ``"DEFAULT"`` (official weights; needs network or a local cache) or a checkpoint (file,
     sharded index or Hugging Face-style directory; ``weights_key`` picks the state dict inside
     it, see :func:`select_state_dict`).
-    A path to a saved lnconvert model (``.safetensors``, ``.pt2``, ``.torchscript.pt``) loads it
-    (``trust_source`` as in :func:`lnconvert.load`)."""
-    if Path(name).suffix in (".safetensors", ".pt2") or name.endswith(".torchscript.pt"):
-        from .io import load
-
-        if weights is not None:
-            raise ModelSourceError(f"{name} is a saved lnconvert model; it carries its own weights (drop --weights)")
-        return load(name, trust_source=trust_source)  # already in eval mode (a pt2 module cannot switch modes)
+    A saved lnconvert model is not built here: :func:`lnconvert.load_model` (:mod:`lnconvert.io`)
+    loads those paths and hands everything else to this function."""
+    if is_saved_model_path(name):
+        raise ModelSourceError(f"{name} is a saved lnconvert model: load it with lnconvert.load_model or "
+                               f"lnconvert.load")
     library, arch = resolve(name)
     official = weights is not None and weights.upper() == "DEFAULT"
     try:

@@ -1,6 +1,7 @@
 """Conversion options and the context every pass receives."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,6 +75,21 @@ class ConvertOptions:
 
 @dataclass
 class PassContext:
+    """What every pass receives beside the graph; ``plan`` is set by the pipeline's plan step
+    (a :class:`lnconvert.plan.LinkPlan`) for the rewrite passes that carry it out."""
+
     options: ConvertOptions
     report: ConversionReport
     example_inputs: tuple[torch.Tensor, ...] = field(default_factory=tuple)
+    plan: Any = None
+
+
+def renamed_argument(new_value, old_value, old: str, new: str, function: str, *, empty=None):
+    """The value of an argument renamed from ``old`` to ``new``: the old name still works for
+    one version, with a DeprecationWarning."""
+    if old_value is empty:
+        return new_value
+    if new_value is not empty:
+        raise UsageError(f"{function}: pass {new}= only ({old}= is its deprecated name)")
+    warnings.warn(f"{function}({old}=...) is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+    return old_value

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from .analysis import normalize_dim, shape_of
+from .layers import layer_spec
 from .layout import Layout, merge_sources
 from .options import ConvertOptions
-from .rules import PAD_MODULES, TRANSPOSES, Kind, Rule, is_kind, rule_for
+from .rules import PAD_MODULES, TRANSPOSES, Kind, Rule, is_kind, layer_type, rule_for
 
 
 @dataclass
@@ -81,9 +82,9 @@ def _reachable_absorbers(gm: fx.GraphModule, start: fx.Node) -> list[nn.Module]:
 def _consumer_groups(gm: fx.GraphModule, node: fx.Node, channels: int) -> int:
     """Groups of a grouped/depthwise conv reading ``node``'s channels (1 if none)."""
     for module in _reachable_absorbers(gm, node):
-        groups = getattr(module, "groups", 1)
-        if groups > 1 and getattr(module, "in_channels", None) == channels:
-            return groups
+        spec = layer_spec(module)
+        if spec.groups(module) > 1 and spec.in_channels(module) == channels:
+            return spec.groups(module)
     return 1
 
 
@@ -91,7 +92,8 @@ def _initial_layout(gm: fx.GraphModule, node: fx.Node, shape: tuple[int, ...]) -
     """Channel axis and grouping chosen from what the activation feeds: a Linear on a
     3D+ tensor reads the last axis; a grouped/depthwise conv wants a per-group layout."""
     ndim = len(shape)
-    dim = ndim - 1 if ndim > 2 and any(isinstance(m, nn.Linear) for m in _reachable_absorbers(gm, node)) else 1
+    reads_last = any(layer_spec(m).input_channel_axis == -1 for m in _reachable_absorbers(gm, node))
+    dim = ndim - 1 if ndim > 2 and reads_last else 1
     groups = _consumer_groups(gm, node, shape[dim]) if dim == 1 else 1
     return Layout.linked(shape[dim], groups, dim, node.name), groups
 
@@ -142,17 +144,17 @@ def _absorb(gm, node, carried, rule, plan, options) -> None:
     layout = plan.layouts[carried[0].name]
     module = gm.get_submodule(node.target)
     in_shape = shape_of(carried[0])
-    wanted_dim = len(in_shape) - 1 if isinstance(module, nn.Linear) else 1
-    if layout.dim != wanted_dim:
+    spec = layer_spec(module)
+    if layout.dim != spec.input_channel_dim(len(in_shape)):
         return plan.boundary(node, carried[0], "linked axis is not this layer's input axis")
-    groups = getattr(module, "groups", 1)
+    groups = spec.groups(module)
     if not layout.fits_groups(groups):
         return plan.boundary(node, carried[0], f"layout does not fit groups={groups}")
     plan.absorbers[node.name] = layout
 
 
 def _pads_channel_axis(gm, node: fx.Node, layout: Layout, ndim: int) -> bool:
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), PAD_MODULES):
+    if node.op == "call_module" and layer_type(gm.get_submodule(node.target)) in PAD_MODULES:
         padding = gm.get_submodule(node.target).padding
     elif node.target is nn.functional.pad:
         padding = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())

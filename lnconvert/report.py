@@ -42,6 +42,7 @@ class ConversionReport:
     lcw_layers: list[dict[str, Any]] = field(default_factory=list)     # layer, rel_weight_change
     # partial conversion (lnconvert.partial): module, type, action (converted | kept), detail
     parts: list[dict[str, str]] | None = None
+    calibrated: list[str] = field(default_factory=list)  # BNs given running statistics on calibration data
     lcw_deviation: float | None = None  # max rel output change caused by LCW (vs the original)
     # set when outputs exceeded the tolerance within float32 rounding: the float64 copy's error
     float64_conversion_error: float | None = None

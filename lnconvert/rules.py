@@ -1,7 +1,9 @@
 """One registry: op -> what it does to a linked tensor.
 
 Keys are exact module types (a subclass such as timm's ``BatchNormAct2d`` does *not*
-inherit its parent's rule), functions by identity, and method names. Handlers are
+inherit its parent's rule), functions by identity, and method names. Conv / linear layers
+(``absorb``) come from the layer registry, :mod:`lnconvert.layers`, which also says how
+their weights read their input. Handlers are
 stateless; per-node state lives in the plan. Anything without a rule is a ``slice``
 boundary: exact, and listed in the report.
 
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .nn import ChannelAffine, NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear, ReLURenorm
+from .layers import layer_spec, lookup_type
+from .nn import ChannelAffine, ReLURenorm
 
 
 class Kind(enum.Enum):
@@ -54,29 +57,17 @@ def register_rule(key: Any, kind: Kind | str, *, name: str = "", op: str = "") -
     _RULES[key] = Rule(Kind(kind), name, op)
 
 
-# the methods through which an nn layer computes: a subclass that overrides none of them computes
-# what its base computes
-_COMPUTING_METHODS = ("forward", "_conv_forward")
-
-
 def layer_type(module: nn.Module) -> type:
-    """The type the rules see for ``module``: its own, or, for an unregistered subclass that
-    inherits its registered base's computation unchanged (torchvision's ``Conv3DSimple`` only adds
-    a static method to ``nn.Conv3d``), that base. A subclass that overrides ``forward`` (timm's
-    ``BatchNormAct2d`` adds an activation) keeps its own type and needs a rule of its own."""
-    cls = type(module)
-    if cls in _RULES:
-        return cls
-    for base in cls.__mro__[1:]:
-        if base in _RULES:
-            inherited = all(getattr(cls, m, None) is getattr(base, m, None) for m in _COMPUTING_METHODS)
-            return base if inherited else cls
-    return cls
+    """The type the rules see for ``module``: its own, or the registered base whose computation
+    it inherits unchanged (:func:`lnconvert.layers.lookup_type`)."""
+    return lookup_type(type(module), _RULES)
 
 
 def rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
+        if layer_spec(module) is not None:  # conv / linear layers: the layer registry
+            return _ABSORB_RULE
         rule = _RULES.get(layer_type(module))
         return rule if rule is not None or not is_frozen_batchnorm(module) else _FROZEN_BATCHNORM_RULE
     if node.op in ("call_function", "call_method"):
@@ -181,7 +172,9 @@ def is_inplace_call(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 # --- batch norm ------------------------------------------------------------------
-BATCHNORM_MODULES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FrozenBatchNorm2d)
+# SyncBatchNorm computes an ordinary BatchNorm in eval mode (it syncs batch statistics in training only)
+BATCHNORM_MODULES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                                       FrozenBatchNorm2d)
 for _t in BATCHNORM_MODULES + (ChannelAffine,):
     register_rule(_t, Kind.CHANNEL_PARAMS)
 _FROZEN_BATCHNORM_RULE = Rule(Kind.CHANNEL_PARAMS)
@@ -224,21 +217,9 @@ def batchnorm_statistics(module: nn.Module) -> tuple[str, ...]:
     """Names of the tensors defining a BatchNorm's eval function (checked for NaN/Inf)."""
     return _BATCHNORM_TENSORS if is_frozen_batchnorm(module) else ("running_mean", "running_var")
 
-# --- absorbing consumers ----------------------------------------------------------
-CONV_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONV_TRANSPOSE_MODULES: tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-try:  # timm's "same"-padded conv pads spatially, then runs an ordinary conv with its own weight
-    from timm.layers import Conv2dSame
-
-    SAME_PAD_CONV_MODULES: tuple[type, ...] = (Conv2dSame,)
-except ImportError:
-    SAME_PAD_CONV_MODULES = ()
-# Convs whose weight/bias a following BN folds into (and whose outputs are feature maps).
-FOLDABLE_CONV_MODULES: tuple[type, ...] = CONV_MODULES + CONV_TRANSPOSE_MODULES + SAME_PAD_CONV_MODULES
-ABSORB_MODULES: list[type] = [*FOLDABLE_CONV_MODULES, nn.Linear,
-                              NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear]
-for _t in ABSORB_MODULES:
-    register_rule(_t, Kind.ABSORB)
+# --- absorbing consumers: every type in the layer registry (lnconvert.layers) -------------
+_ABSORB_RULE = Rule(Kind.ABSORB)
+CONV_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # dense convs (passes/lower_linked)
 
 # --- pass-through ------------------------------------------------------------------
 PAD_MODULES = (

@@ -20,6 +20,8 @@ def randomize_batchnorm(model: nn.Module, example: torch.Tensor | tuple, seed: i
     well scaled (no chaotic growth that float32 cannot compare).
     """
     generator = torch.Generator().manual_seed(seed)
+    # torch's trainable BatchNorms (timm's BN-act subclasses too): statistics measured in train mode;
+    # frozen ones (no training mode) are handled below
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def uniform(t: torch.Tensor, low: float, high: float) -> torch.Tensor:

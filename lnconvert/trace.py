@@ -8,7 +8,8 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .rules import _RULES, ACTIVATION_MODULES, is_frozen_batchnorm, layer_type
+from .layers import lookup_type, registered_layers
+from .rules import _RULES, ACTIVATION_MODULES, is_frozen_batchnorm
 
 
 def _timm_notrace() -> tuple[set[type], list[Any]]:
@@ -27,12 +28,14 @@ class ConvertTracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[str] = ()):
         notrace_modules, notrace_functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(notrace_functions))
-        self.leaf_types = notrace_modules | {t for t in _RULES if isinstance(t, type)} | set(ACTIVATION_MODULES)
+        self.leaf_types = (notrace_modules | {t for t in _RULES if isinstance(t, type)} | set(ACTIVATION_MODULES)
+                           | set(registered_layers()))
         self.leaf_names = set(leaf_modules)
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if layer_type(m) in self.leaf_types or module_qualified_name in self.leaf_names or is_frozen_batchnorm(m):
+        leaf_type = lookup_type(type(m), self.leaf_types) in self.leaf_types
+        if leaf_type or module_qualified_name in self.leaf_names or is_frozen_batchnorm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -25,7 +25,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import lnconvert
-from lnconvert import io
+from lnconvert import files, io
 from lnconvert.calibrate import batchnorm_without_stats, calibrate_batchnorm
 from lnconvert.cli import app
 from lnconvert.errors import EXIT_CODES, ModelSourceError, UnsupportedModelError, UsageError
@@ -222,7 +222,7 @@ def test_output_exists_is_a_directory_or_unwritable(tmp_path, monkeypatch):
     assert_refused(*cli("tests.bad_models:small", *SMALL, "-o", str(tmp_path))[::2], 6, "is a directory")
     # tests may run as root, which writes through permission bits: simulate a read-only directory
     real_access = os.access
-    monkeypatch.setattr(io.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
     assert_refused(*cli("tests.bad_models:small", *SMALL, "-o", str(tmp_path / "new.safetensors"))[::2], 6,
                    "is not writable")
     code, _, stderr = cli("tests.bad_models:small", *SMALL, "-o", str(out), "--force")

@@ -5,7 +5,7 @@ import lnconvert
 from lnconvert import io
 from lnconvert.errors import ModelSourceError, OutputError, UsageError
 from lnconvert.finetune import plain_state_dict, split_twins, twin_parameters
-from lnconvert.models import load_model
+from lnconvert.io import load_model
 
 from .conftest import prepared
 

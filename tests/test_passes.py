@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lnconvert
+from lnconvert.errors import UnsupportedModelError
 from lnconvert.nn import ChannelAffine, ChannelSelect, GatedMerge, LinkedActivation
 from lnconvert.testing import randomize_batchnorm
 
@@ -249,12 +250,17 @@ def test_width_never_compounds_and_output_activation_is_not_linked():
     assert widths == [3, 8]  # 2C at most
 
 
-def test_bn_without_running_stats_is_kept_and_reported():
+def test_bn_without_running_stats_is_refused_or_calibrated():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
                         nn.Conv2d(4, 2, 1)).eval()
-    result = assert_exact(net, torch.randn(4, 3, 4, 4))
-    assert result.report.status == "partial" and "BatchNorm kept" in result.report.status_reasons[0]
-    assert result.report.batchnorm[0]["action"] == "kept"
+    x = torch.randn(4, 3, 4, 4)
+    with pytest.raises(UnsupportedModelError, match="BatchNorm '1' has no running statistics.*calibration_data="):
+        lnconvert.convert(net, example_inputs=x)
+    kept = assert_exact(net, x, drop_bn=False)  # kept on request: the model still depends on the batch
+    assert kept.report.batchnorm == [] and lnconvert.remaining_batchnorm(kept.model) == ["1"]
+    result = lnconvert.convert(net, example_inputs=x, calibration_data=[torch.randn(8, 3, 4, 4)])
+    assert result.report.status == "exact" and result.report.calibrated == ["1"]
+    assert [b["action"] for b in result.report.batchnorm] == ["folded"]
 
 
 def test_bn_after_activation_gets_duplicated_parameters_when_kept():

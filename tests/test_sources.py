@@ -10,7 +10,8 @@ import torch
 import lnconvert
 from lnconvert import io
 from lnconvert.errors import ModelSourceError
-from lnconvert.models import load_model, resolve
+from lnconvert.io import load_model
+from lnconvert.models import resolve
 
 from .conftest import prepared
 from .helpers import TINY, tiny_net

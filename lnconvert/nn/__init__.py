@@ -1,9 +1,9 @@
 """Layers inserted by the converter, usable in models written from scratch."""
+from .affine import ChannelAffine
 from .deep_control import DeepControl2d
 from .lcw import ZeroSumFanIn, is_lcw, lcw
 from .linked import (
     POLICIES,
-    ChannelAffine,
     ChannelExpand,
     ChannelSelect,
     GatedMerge,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-LCW_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from ..layers import layer_spec
 
 
 class ZeroSumFanIn(nn.Module):
@@ -24,16 +24,19 @@ class ZeroSumFanIn(nn.Module):
 
 def is_lcw(module: nn.Module) -> bool:
     return parametrize.is_parametrized(module, "weight") and any(
-        isinstance(p, ZeroSumFanIn) for p in module.parametrizations["weight"])
+        isinstance(p, ZeroSumFanIn) for p in module.parametrizations["weight"])  # ours, not a layer type
 
 
 def lcw(module: nn.Module) -> nn.Module:
-    """Constrain ``module.weight`` (Conv1d/2d/3d, Linear, or a subclass such as the NormProp
-    layers) to zero sum per output unit, in place; returns the module. The stored
+    """Constrain ``module.weight`` (a registered layer with an LCW form: Conv1d/2d/3d, Linear,
+    the NormProp layers, timm's Conv2dSame) to zero sum per output unit, in place; returns the
+    module. The stored
     ``parametrizations.weight.original`` keeps the current values, so a weight that already
     sums to zero is unchanged."""
-    if not isinstance(module, LCW_MODULES):
-        raise TypeError(f"lcw supports Conv1d/2d/3d and Linear, got {type(module).__name__}")
+    spec = layer_spec(module)
+    if spec is None or not spec.lcw:
+        raise TypeError(f"lcw supports Conv1d/2d/3d and Linear (layers registered with an LCW form), "
+                        f"got {type(module).__name__}")
     if not is_lcw(module):
         parametrize.register_parametrization(module, "weight", ZeroSumFanIn())
     return module

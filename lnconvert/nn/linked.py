@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .affine import ChannelAffine, broadcast_shape  # noqa: F401  (ChannelAffine lived here: old import path)
+
 POLICIES = ("mirror", "minmax")
 
 
@@ -65,29 +67,6 @@ class LinkedActivation(nn.Module):
     def extra_repr(self) -> str:
         kept = f", twins={self.twin_index.numel()}" if self.subset else ""
         return f"policy={self.policy}, dim={self.dim}, groups={self.groups}{kept}"
-
-
-def _broadcast_shape(dim: int, ndim: int) -> list[int]:
-    shape = [1] * ndim
-    shape[dim] = -1
-    return shape
-
-
-class ChannelAffine(nn.Module):
-    """``x * scale + shift`` per channel: an eval-mode BatchNorm without batch statistics."""
-
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, dim: int = 1):
-        super().__init__()
-        self.scale = nn.Parameter(scale.detach().clone())
-        self.shift = nn.Parameter(shift.detach().clone())
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = _broadcast_shape(self.dim, x.dim())
-        return x * self.scale.view(shape) + self.shift.view(shape)
-
-    def extra_repr(self) -> str:
-        return f"{self.scale.numel()}, dim={self.dim}"
 
 
 def _index_buffer(module: nn.Module, name: str, index: Sequence[int]) -> None:
@@ -154,7 +133,7 @@ class GatedMerge(nn.Module):
         _index_buffer(self, "twin_index", [t if t >= 0 else width for t in twin])  # width: the zero channel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = _broadcast_shape(self.dim, x.dim())
+        shape = broadcast_shape(self.dim, x.dim())
         primary = x.index_select(self.dim, self.primary_index)
         if not self.complete:
             x = torch.cat([x, torch.zeros_like(x.narrow(self.dim, 0, 1))], dim=self.dim)

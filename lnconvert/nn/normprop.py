@@ -4,10 +4,13 @@ batch statistics (formulas in ``docs/strategies.md``)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..layers import CONV, LINEAR, add_forms, layer_spec, register_layer
 
 NORMPROP_C = 1.21  # the co-authors' code divides every dense and conv pre-activation by it
 RELU_MEAN = math.sqrt(1 / (2 * math.pi))             # E[relu(u)] for u ~ N(0, 1)
@@ -48,6 +51,13 @@ class NormPropLinear(_NormProp, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
 
+    @classmethod
+    def from_layer(cls, module: nn.Module, c: float = NORMPROP_C) -> "NormPropLinear":
+        """The NormProp layer computing what the linear ``module`` computes (:func:`normprop_from`)."""
+        weight = module.weight.detach()
+        layer = cls(module.in_features, module.out_features, True, c, device=weight.device, dtype=weight.dtype)
+        return _copy_exactly(module, layer, c)
+
 
 class _NormPropConv(_NormProp):
     def __init__(self, *args, c: float = NORMPROP_C, **kwargs):
@@ -56,6 +66,15 @@ class _NormPropConv(_NormProp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
+
+    @classmethod
+    def from_layer(cls, module: nn.Module, c: float = NORMPROP_C) -> "_NormPropConv":
+        """The NormProp layer computing what the conv ``module`` computes (:func:`normprop_from`)."""
+        weight = module.weight.detach()
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, True, module.padding_mode, c=c, device=weight.device,
+                    dtype=weight.dtype)
+        return _copy_exactly(module, layer, c)
 
 
 class NormPropConv1d(_NormPropConv, nn.Conv1d):
@@ -71,22 +90,10 @@ class NormPropConv3d(_NormPropConv, nn.Conv3d):
     """NormProp Conv3d (same arguments as ``nn.Conv3d`` plus ``c``)."""
 
 
-NORMPROP_OF: dict[type, type] = {nn.Linear: NormPropLinear, nn.Conv1d: NormPropConv1d, nn.Conv2d: NormPropConv2d,
-                                 nn.Conv3d: NormPropConv3d}
-
-
-def normprop_from(module: nn.Module, c: float = NORMPROP_C) -> nn.Module:
-    """The NormProp layer computing exactly what ``module`` (conv / linear) computes:
-    same weight, ``gamma_j = c * ||W_j||``, same bias (zero when it had none); buffers
-    (e.g. the widen pass's twin marks) are kept."""
+def _copy_exactly(module: nn.Module, layer: nn.Module, c: float) -> nn.Module:
+    """``layer`` given ``module``'s weight, ``gamma_j = c * ||W_j||`` and its bias (zero when it had
+    none), so it computes exactly what ``module`` computes; buffers (the widen pass's twin marks) are kept."""
     weight = module.weight.detach()
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    if isinstance(module, nn.Linear):
-        layer = NormPropLinear(module.in_features, module.out_features, True, c, **factory)
-    else:
-        layer = NORMPROP_OF[type(module)](module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                                          module.padding, module.dilation, module.groups, True, module.padding_mode,
-                                          c=c, **factory)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(module.bias.detach() if module.bias is not None else torch.zeros_like(layer.bias))
@@ -95,6 +102,24 @@ def normprop_from(module: nn.Module, c: float = NORMPROP_C) -> nn.Module:
     for name, buffer in module.named_buffers(recurse=False):
         layer.register_buffer(name, buffer.clone(), persistent=name not in module._non_persistent_buffers_set)
     return layer
+
+
+def normprop_from(module: nn.Module, c: float = NORMPROP_C) -> nn.Module:
+    """The NormProp layer computing exactly what ``module`` (conv / linear) computes: same
+    weight, ``gamma_j = c * ||W_j||``, same bias (zero when it had none); buffers (e.g. the
+    widen pass's twin marks) are kept. Which NormProp class fits is the layer registry's answer."""
+    spec = layer_spec(module)
+    if spec is None or spec.normprop is None:
+        raise TypeError(f"no NormProp form for {type(module).__name__}")
+    return spec.normprop.from_layer(module, c)
+
+
+# NormProp layers compute through an effective weight and absorb like their family; no BN is ever
+# folded into one (fold_bn runs before the NormProp pass creates them)
+for _layer, _base in ((NormPropConv1d, nn.Conv1d), (NormPropConv2d, nn.Conv2d), (NormPropConv3d, nn.Conv3d),
+                      (NormPropLinear, nn.Linear)):
+    register_layer(_layer, replace(LINEAR if _base is nn.Linear else CONV, folds_bn=False))
+    add_forms(_base, normprop=_layer)
 
 
 class ReLURenorm(nn.Module):

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..analysis import insert_module_after
+from ..layers import IN_LAYOUT
 from ..nn import ChannelSelect, GatedMerge
 from ..options import PassContext
 from ..plan import LinkPlan
+from ..rewrite import insert_module_after
 from ..rules import is_inplace_call
 
 
@@ -28,7 +29,7 @@ def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
         if kind == "gate":
             merged = insert_module_after(gm, producer, GatedMerge(layout.primary, layout.twin, layout.dim),
                                          f"{producer_name}_gate", (producer,))
-            merged.meta["lnc_in_layout"] = layout
+            merged.meta[IN_LAYOUT] = layout
             consumer.replace_input_with(producer, merged)
         else:
             if producer_name not in selects:

@@ -44,6 +44,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         fused = gm.get_submodule(node.target)
         parts = [("bn", _plain_batchnorm(fused))]
         parts += [(name, getattr(fused, name)) for name in ("drop", "act")
+                  # an Identity / absent part computes nothing (not a layer-type dispatch)
                   if not isinstance(getattr(fused, name, None), (nn.Identity, type(None)))]
         value = node.args[0]
         anchor = node

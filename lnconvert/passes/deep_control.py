@@ -3,18 +3,20 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..analysis import own_module, shape_of
+from ..analysis import shape_of
+from ..layers import layer_spec
 from ..nn import DeepControl2d
 from ..options import PassContext
-from ..rules import FOLDABLE_CONV_MODULES, is_batchnorm, layer_type
+from ..rewrite import own_module
+from ..rules import is_batchnorm
 from .fold_bn import bn_scale_shift
 
 
 def _conv_output(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Does ``node`` compute a conv's feature maps (a per-map mean exists)?"""
     shape = shape_of(node)
-    return (node.op == "call_module" and layer_type(gm.get_submodule(node.target)) in FOLDABLE_CONV_MODULES
-            and shape is not None and len(shape) >= 3)
+    spec = layer_spec(gm.get_submodule(node.target)) if node.op == "call_module" else None
+    return spec is not None and spec.folds_bn and spec.feature_maps and shape is not None and len(shape) >= 3
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

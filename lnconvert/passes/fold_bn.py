@@ -6,20 +6,13 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..analysis import call_site_counts, own_module, reads_input, shape_of
+from ..analysis import reads_input, shape_of
 from ..errors import UnsupportedModelError
+from ..layers import FOLDED_BN, layer_spec
 from ..nn import ChannelAffine
 from ..options import PassContext
-from ..rules import (
-    CAT_FUNCTIONS,
-    CONV_TRANSPOSE_MODULES,
-    FOLDABLE_CONV_MODULES,
-    batchnorm_channels,
-    is_batchnorm,
-    layer_type,
-)
-
-FOLDED_BN = "lnc_folded_bn"  # node meta: the BN folded into this conv / linear (read by the normprop pass)
+from ..rewrite import call_site_counts, own_module
+from ..rules import CAT_FUNCTIONS, batchnorm_channels, is_batchnorm
 
 
 def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,23 +25,11 @@ def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, bias - mean * scale
 
 
-def _out_channel_view(module: nn.Module, scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` shaped to multiply ``module.weight`` along its output-channel axis."""
-    weight = module.weight
-    if isinstance(module, CONV_TRANSPOSE_MODULES):  # weight: (in, out/groups, *k)
-        groups = module.groups
-        per_in, per_out = weight.shape[0] // groups, weight.shape[1]
-        view = scale.view(groups, 1, per_out, *([1] * (weight.dim() - 2)))
-        return view.expand(groups, per_in, per_out, *([1] * (weight.dim() - 2))).reshape(
-            weight.shape[0], per_out, *([1] * (weight.dim() - 2)))
-    return scale.view(-1, *([1] * (weight.dim() - 1)))
-
-
 def fold_into(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
-    """A copy of ``module`` (conv/linear) whose output equals ``module(x) * scale + shift``."""
+    """A copy of ``module`` (a registered conv / linear) whose output equals ``module(x) * scale + shift``."""
     folded = copy.deepcopy(module)
     weight = module.weight.detach()
-    new_weight = (weight.double() * _out_channel_view(module, scale)).to(weight.dtype)
+    new_weight = (weight.double() * layer_spec(module).out_channel_view(module, scale)).to(weight.dtype)
     old_bias = module.bias.detach().double() if module.bias is not None else torch.zeros_like(shift)
     folded.weight = nn.Parameter(new_weight, requires_grad=module.weight.requires_grad)
     folded.bias = nn.Parameter((old_bias * scale + shift).to(weight.dtype))
@@ -66,16 +47,17 @@ def _require_finite(bn_name: str, module: nn.Module) -> nn.Module:
 
 
 def _foldable_module(gm: fx.GraphModule, producer: fx.Node, channels: int) -> nn.Module | None:
-    """The conv/linear computing ``producer`` when its output (``channels`` wide) feeds one user."""
+    """The registered layer computing ``producer`` that a BN folds into, when its output
+    (``channels`` wide, on the axis a BN normalises) feeds one user."""
     if not isinstance(producer, fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
         return None
     module = gm.get_submodule(producer.target)
-    if layer_type(module) in FOLDABLE_CONV_MODULES:
-        return module if module.out_channels == channels else None
-    if layer_type(module) is nn.Linear:
-        out = shape_of(producer)
-        return module if out is not None and len(out) == 2 and module.out_features == channels else None
-    return None
+    spec = layer_spec(module)
+    if spec is None or not spec.folds_bn or spec.out_channels(module) != channels:
+        return None
+    out = shape_of(producer)
+    # a BN normalises axis 1: a linear layer's output features must be that axis
+    return module if spec.feature_maps or (out is not None and len(out) == 2) else None
 
 
 def _foldable_producers(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> list[tuple[fx.Node, nn.Module, int]]:
@@ -132,7 +114,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         producers = _foldable_producers(gm, node, bn)
         if producers:
             for producer, module, start in producers:
-                width = module.out_channels if hasattr(module, "out_channels") else module.out_features
+                width = layer_spec(module).out_channels(module)
                 folded = fold_into(module, scale[start:start + width], shift[start:start + width])
                 own_module(gm, producer, _require_finite(node.target, folded), "folded")
                 producer.meta[FOLDED_BN] = node.target

@@ -5,10 +5,9 @@ import torch
 from torch import fx, nn
 
 from ..finetune import twin_masks
+from ..layers import layer_spec
 from ..nn import lcw
-from ..nn.lcw import LCW_MODULES
 from ..options import PassContext
-from ..rules import CONV_TRANSPOSE_MODULES
 
 
 def _twin_entries(module: nn.Module) -> torch.Tensor:
@@ -47,8 +46,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     layer's relative weight change; the caller measures the output deviation.
     """
     for name, module in list(gm.named_modules()):  # lcw() adds parametrization submodules
-        if isinstance(module, CONV_TRANSPOSE_MODULES):
-            ctx.report.norm_layer(name, "lcw", "not applied", "no LCW form for a transposed conv")
-        elif isinstance(module, LCW_MODULES):
+        spec = layer_spec(module)
+        if spec is not None and not spec.lcw:
+            ctx.report.norm_layer(name, "lcw", "not applied", f"no LCW form for {type(module).__name__}")
+        elif spec is not None:
             ctx.report.lcw_layers.append({"layer": name, "rel_weight_change": project(module)})
     return gm

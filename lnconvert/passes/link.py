@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..analysis import own_module
+from ..layers import LAYOUT
 from ..layout import describe
 from ..nn import LinkedActivation
 from ..options import PassContext
 from ..plan import LinkPlan
+from ..rewrite import own_module
 from ..rules import rule_for
 
 
@@ -29,7 +30,7 @@ def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
         linked = LinkedActivation(gm.get_submodule(node.target), ctx.options.policy, dim=layout.dim, groups=groups,
                                   twin_channels=kept)
         own_module(gm, node, linked, "linked")
-        node.meta["lnc_layout"] = layout
+        node.meta[LAYOUT] = layout  # marks the linked activations (compaction reads it)
         ctx.report.activation(node.name, act_type, "linked", describe(layout))
     gm.recompile()
     return gm

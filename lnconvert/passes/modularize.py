@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..analysis import insert_module_after
 from ..errors import UnsupportedModelError
 from ..options import PassContext
+from ..rewrite import insert_module_after
 from ..rules import FUNCTIONAL_ACTIVATIONS, Kind, is_inplace_call, is_kind
 
 

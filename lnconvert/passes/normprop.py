@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..analysis import insert_module_after, own_module, propagate_shapes
-from ..nn import ChannelAffine, LinkedActivation, ReLURenorm, normprop_from
-from ..nn.normprop import NORMPROP_OF, RELU_MEAN, RELU_STD
+from ..layers import FOLDED_BN, IN_LAYOUT, LAYOUT, layer_spec
+from ..nn import ChannelAffine, LinkedActivation, ReLURenorm
+from ..nn.normprop import RELU_MEAN, RELU_STD
 from ..options import PassContext
-from .fold_bn import FOLDED_BN
+from ..rewrite import insert_module_after, own_module
+from ..rules import ACTIVATION_MODULES, layer_type
 from .widen import mark_twins
 
 
@@ -21,11 +22,12 @@ def _to_normprop(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
         if bn is None or node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if type(module) not in NORMPROP_OF:
+        form = layer_spec(module).normprop
+        if form is None:
             ctx.report.norm_layer(node.target, "normprop", "kept folded",
                                   f"no NormProp form for {type(module).__name__}")
             continue
-        layer = normprop_from(module)
+        layer = form.from_layer(module)
         with torch.no_grad():  # what weight normalisation's rounding moves, relative to the largest weight
             error = float((layer.effective_weight() - module.weight).abs().max() / module.weight.abs().max().clamp(
                 min=1e-30))
@@ -36,14 +38,18 @@ def _to_normprop(gm: fx.GraphModule, ctx: PassContext) -> set[fx.Node]:
     return converted
 
 
+def _is_relu(module: nn.Module) -> bool:
+    return ACTIVATION_MODULES.get(layer_type(module)) == "relu"
+
+
 def _relu_refusal(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """For a ReLU (plain or linked): '' when re-normalisation applies, else why not; None for other nodes."""
     if node.op != "call_module":
         return None
     module = gm.get_submodule(node.target)
-    if type(module) is nn.ReLU:
+    if _is_relu(module):
         return ""
-    if isinstance(module, LinkedActivation) and type(module.act) is nn.ReLU:
+    if isinstance(module, LinkedActivation) and _is_relu(module.act):  # lnconvert's own module
         return "" if module.policy == "mirror" else "minmax twins are not ReLU outputs"
     return None
 
@@ -64,12 +70,12 @@ def _renormalise(gm: fx.GraphModule, act: fx.Node, users: list[fx.Node]) -> str:
         width = act.meta["tensor_meta"].shape[1]
         dtype = gm.get_submodule(users[0].target).weight.dtype
         shift = ChannelAffine(torch.ones(width, dtype=dtype), torch.full((width,), RELU_MEAN / RELU_STD, dtype=dtype))
-        layout = act.meta.get("lnc_layout")
+        layout = act.meta.get(LAYOUT)
         if layout is not None:  # on a linked tensor: compaction and param_groups need its twins
             mark_twins(shift, layout)
         after = insert_module_after(gm, renorm, shift, f"{act.name}_renorm_shift", (renorm,))
         if layout is not None:
-            after.meta["lnc_in_layout"] = layout
+            after.meta[IN_LAYOUT] = layout
         how = "explicit shift (a consumer zero-pads)"
     for user in users:
         layer = gm.get_submodule(user.target)
@@ -92,9 +98,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
        mean shift into their bias, or kept as a learnable per-channel shift when a user
        zero-pads. ReLUs feeding anything else (residual adds, pooling) are left as they are.
     A BN that fold_bn turned into a per-channel affine (not after a conv/linear) stays one.
+    Needs current shapes (the linked widths): the pipeline propagates them first.
     Preserves: eval-mode outputs up to float rounding (reported per layer).
     """
-    propagate_shapes(gm, ctx.example_inputs)  # linked widths: the plan's shapes predate linking
     for bn in ctx.report.batchnorm:
         if bn["action"] == "affine":
             ctx.report.norm_layer(bn["name"], "normprop", "affine", "BN not after a conv/linear: a per-channel "

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..analysis import insert_module_after
 from ..nn import ChannelSelect
 from ..options import PassContext
 from ..plan import LinkPlan
+from ..rewrite import insert_module_after
 
 
 def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:

@@ -6,62 +6,65 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..analysis import insert_module_after, own_module
+from ..layers import IN_LAYOUT, TWIN_BUFFER, LayerSpec, layer_spec
 from ..layout import Layout
-from ..nn import ChannelAffine, ChannelExpand
+from ..nn import ChannelExpand
 from ..options import PassContext
 from ..plan import LinkPlan
-from ..rules import CONV_TRANSPOSE_MODULES
+from ..rewrite import insert_module_after, own_module
 
 
 def mark_twins(module: nn.Module, layout: Layout) -> nn.Module:
     """Record on ``module`` which physical input channels hold twins (non-persistent buffer
-    ``lnc_twin_channels``), so fine-tuning can give twin weights their own parameter group
+    ``layers.TWIN_BUFFER``), so fine-tuning can give twin weights their own parameter group
     (:func:`lnconvert.finetune.param_groups`) without re-deriving the layout."""
     twins = [t for t in layout.twin if t >= 0]
-    module.register_buffer("lnc_twin_channels", torch.tensor(twins, dtype=torch.long), persistent=False)
+    module.register_buffer(TWIN_BUFFER, torch.tensor(twins, dtype=torch.long), persistent=False)
     return module
+
+
+def _spec(module: nn.Module) -> LayerSpec:
+    spec = layer_spec(module)
+    if spec is None:
+        raise TypeError(f"{type(module).__name__} is not in the layer registry (lnconvert.layers.register_layer)")
+    return spec
 
 
 def read_columns(module: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights that read each logical channel's primary and twin, in the layout of the
     unwidened module's weight (a twin's are zero where the channel has none)."""
-    weight = module.weight.detach()
-    primary, twin = _column_index(module, layout, layout.primary), _column_index(module, layout, layout.twin)
-    return _gather(module, weight, primary), _gather(module, weight, twin)
+    spec, weight = _spec(module), module.weight.detach()
+    primary = _column_index(spec, module, layout, layout.primary)
+    twin = _column_index(spec, module, layout, layout.twin)
+    return _gather(spec, weight, primary), _gather(spec, weight, twin)
 
 
 def write_columns(module: nn.Module, layout: Layout, primary_w: torch.Tensor,
                   twin_w: torch.Tensor | None) -> nn.Module:
-    """Copy of a conv / transposed conv / linear reading ``layout``, whose columns for each
-    logical channel's primary and twin are ``primary_w`` and ``twin_w`` (None: zero)."""
-    weight = module.weight.detach()
+    """Copy of a registered layer (conv / transposed conv / linear) reading ``layout``, whose
+    columns for each logical channel's primary and twin are ``primary_w`` and ``twin_w`` (None: zero)."""
+    spec, weight = _spec(module), module.weight.detach()
     wide = copy.deepcopy(module)
-    if isinstance(module, nn.Linear):
-        new = weight.new_zeros(weight.shape[0], layout.width)
-        wide.in_features = layout.width
-    elif isinstance(module, CONV_TRANSPOSE_MODULES):
-        new = weight.new_zeros(layout.width, *weight.shape[1:])
-        wide.in_channels = layout.width
-    else:
-        new = weight.new_zeros(weight.shape[0], layout.width // module.groups, *weight.shape[2:])
-        wide.in_channels = layout.width
+    shape = list(weight.shape)
+    shape[spec.weight_in_axis] = layout.width // (module.groups if spec.grouped_input else 1)
+    new = weight.new_zeros(shape)
+    spec.set_in_channels(wide, layout.width)
     for index, values in ((layout.primary, primary_w), (layout.twin, twin_w)):
         if values is None:  # the new weight is already zero
             continue
-        columns = _column_index(wide, layout, index)
-        keep = columns[1] >= 0 if isinstance(columns, tuple) else columns >= 0
-        _scatter(wide, new, columns, values, keep)
+        columns = _column_index(spec, wide, layout, index)
+        keep = columns[1] >= 0 if spec.grouped_input else columns >= 0
+        _scatter(spec, wide, new, columns, values, keep)
     wide.weight = nn.Parameter(new, requires_grad=module.weight.requires_grad)
     return wide
 
 
-def _column_index(module: nn.Module, layout: Layout, physical: tuple[int, ...]):
+def _column_index(spec: LayerSpec, module: nn.Module, layout: Layout, physical: tuple[int, ...]):
     """Where logical channel c's value at physical position ``physical[c]`` sits in the
-    weight: a column index (linear, transposed conv) or (rows, local column) for a conv,
-    whose groups each see only their own physical range."""
+    weight: an index along the weight's input axis, or, when that axis is per group (convs),
+    (rows, local column), as each group sees only its own physical range."""
     index = torch.tensor(physical, dtype=torch.long)
-    if isinstance(module, nn.Linear) or isinstance(module, CONV_TRANSPOSE_MODULES):
+    if not spec.grouped_input:
         return index
     groups, out = module.groups, module.weight.shape[0]
     per_log, per_phys, per_out = layout.channels // groups, layout.width // groups, out // groups
@@ -76,29 +79,34 @@ def _column_index(module: nn.Module, layout: Layout, physical: tuple[int, ...]):
 def foreign_twins(module: nn.Module, layout: Layout) -> list[int]:
     """Logical channels whose twin sits in another group's physical range of a grouped conv:
     other groups' weights read it, so it is never removed by compaction."""
-    groups = getattr(module, "groups", 1)
-    if groups == 1 or isinstance(module, (nn.Linear, *CONV_TRANSPOSE_MODULES)):
+    spec, groups = _spec(module), getattr(module, "groups", 1)
+    if groups == 1 or not spec.grouped_input:
         return []
     per_log, per_phys = layout.channels // groups, layout.width // groups
     return [c for c, t in enumerate(layout.twin) if t >= 0 and t // per_phys != c // per_log]
 
 
-def _gather(module: nn.Module, weight: torch.Tensor, columns) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
-        return torch.where(columns >= 0, weight[:, columns.clamp(min=0)], 0.0)
-    if isinstance(module, CONV_TRANSPOSE_MODULES):
-        mask = (columns >= 0).view(-1, *([1] * (weight.dim() - 1)))
-        return torch.where(mask, weight[columns.clamp(min=0)], 0.0)
+def _axis_view(mask: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return mask.view(shape)
+
+
+def _gather(spec: LayerSpec, weight: torch.Tensor, columns) -> torch.Tensor:
+    if not spec.grouped_input:
+        axis = spec.weight_in_axis
+        picked = weight.index_select(axis, columns.clamp(min=0))
+        return torch.where(_axis_view(columns >= 0, weight.dim(), axis), picked, 0.0)
     rows, local = columns
     mask = (local >= 0).view(*local.shape, *([1] * (weight.dim() - 2)))
     return torch.where(mask, weight[rows, local.clamp(min=0)], 0.0)
 
 
-def _scatter(module: nn.Module, new: torch.Tensor, columns, values: torch.Tensor, keep: torch.Tensor) -> None:
-    if isinstance(module, nn.Linear):
-        new[:, columns[keep]] = values[:, keep]
-    elif isinstance(module, CONV_TRANSPOSE_MODULES):
-        new[columns[keep]] = values[keep]
+def _scatter(spec: LayerSpec, module: nn.Module, new: torch.Tensor, columns, values: torch.Tensor,
+             keep: torch.Tensor) -> None:
+    if not spec.grouped_input:
+        axis = spec.weight_in_axis
+        new.index_copy_(axis, columns[keep], values.index_select(axis, keep.nonzero().squeeze(1)))
     elif module.groups == 1:  # every row reads the same columns: one column copy, not a per-row scatter
         local = columns[1][0]
         new[:, local[keep[0]]] = values[:, keep[0]]
@@ -117,17 +125,16 @@ def widen_input(module: nn.Module, layout: Layout) -> nn.Module:
 
 def widen_channel_params(module: nn.Module, layout: Layout) -> nn.Module:
     """Copy of a per-channel module (BN kept, ChannelAffine) applying each channel's
-    parameters to its primary and to its twin."""
+    parameters to its primary and to its twin: every 1-D parameter or buffer of the module's
+    own whose length is the channel count is indexed by channel."""
     index = torch.tensor(layout.logical_of_physical(), dtype=torch.long)
     wide = copy.deepcopy(module)
-    per_channel = ("weight", "bias", "running_mean", "running_var")
-    names = ("scale", "shift") if isinstance(module, ChannelAffine) else per_channel
-    for name in names:
-        value = getattr(module, name, None)
-        if value is None:
+    own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    for name, value in own:
+        if value.dim() != 1 or value.numel() != layout.channels:
             continue
         widened = value.detach()[index].clone()
-        if isinstance(value, nn.Parameter):
+        if isinstance(value, nn.Parameter):  # keep parameters parameters (not a layer-type test)
             setattr(wide, name, nn.Parameter(widened, requires_grad=value.requires_grad))
         else:
             setattr(wide, name, widened)
@@ -148,13 +155,13 @@ def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
         module = gm.get_submodule(node.target)
         before = layout.channels
         own_module(gm, node, widen_input(module, layout), "widened")
-        node.meta["lnc_in_layout"] = layout  # compaction and param_groups read the twins' columns
+        node.meta[IN_LAYOUT] = layout  # compaction and param_groups read the twins' columns
         ctx.report.consumers.append({"node": name, "type": type(module).__name__, "in_before": before,
                                      "in_after": layout.width, "groups": getattr(module, "groups", 1)})
     for name, layout in plan.channel_params.items():
         node = nodes[name]
         own_module(gm, node, widen_channel_params(gm.get_submodule(node.target), layout), "widened")
-        node.meta["lnc_in_layout"] = layout
+        node.meta[IN_LAYOUT] = layout
     for name, (operand, layout) in plan.expands.items():
         node, other = nodes[name], nodes[operand]
         expand = ChannelExpand(layout.logical_of_physical(), dim=layout.dim - len(node.meta["tensor_meta"].shape)

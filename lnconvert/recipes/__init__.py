@@ -15,7 +15,7 @@ from rich.console import Console
 from torch import fx
 
 from ..errors import OutputError
-from ..io import atomic_path
+from ..files import atomic_path
 from .config import RecipeError, load_recipe
 
 __all__ = ["RecipeError", "load_recipe", "load_result", "run_recipe"]

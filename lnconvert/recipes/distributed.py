@@ -160,6 +160,7 @@ def batch_part(batch_size: int) -> tuple[slice, float]:
 
 
 def _has_running_stats(model: nn.Module) -> bool:
+    # any torch norm layer that updates running statistics in training (a training-time question)
     return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in model.modules())
 
 

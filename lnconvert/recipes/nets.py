@@ -120,12 +120,12 @@ def plain_deep_net(variant: str, depth: int = 50, width: int = 4, in_channels: i
     layers["dense"] = nn.Linear(cin * side * side, num_classes)
     net = nn.Sequential(layers)
     for module in net.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):  # this recipe builds the net: its own layer types
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
     if norm == "lcw":
         for module in net.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.Conv2d):  # the recipe's own convs (its dense head stays free)
                 lcw(module)
     return net

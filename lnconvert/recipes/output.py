@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..analysis import DeadUnits
-from ..io import atomic_path
+from ..files import atomic_path
 from .distributed import main_only
 
 

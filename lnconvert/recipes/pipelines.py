@@ -33,6 +33,7 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)
         return
+    # torchvision's heads are their last nn.Linear
     name, last = next(((n, m) for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)),
                       (None, None))
     if last is None:

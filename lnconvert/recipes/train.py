@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..io import atomic_path
+from ..files import atomic_path
 from . import distributed
 from .config import RecipeError
 

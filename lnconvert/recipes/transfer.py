@@ -117,6 +117,7 @@ def bn_input_shift(model: nn.Module, source: TensorDataset, target: TensorDatase
     and of the target-to-running variance ratio (1 and 0 mean the statistics still fit); the
     same on source data shows the baseline."""
     rows, stats = [], {}
+    # training recipes act on torch's trainable BN (statistics, train/eval mode), not on conversion
     bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
     def hook(name):
@@ -156,7 +157,7 @@ def to_groupnorm(model: nn.Module) -> nn.Module:
     """Every BatchNorm2d replaced by a fresh ``GroupNorm(min(32, C), C)`` (Opacus's fix), in place."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.BatchNorm2d):
+            if isinstance(child, nn.BatchNorm2d):  # the arm replaces trainable 2-D BNs only
                 setattr(module, child_name, nn.GroupNorm(min(32, child.num_features), child.num_features))
     return model
 
@@ -164,7 +165,7 @@ def to_groupnorm(model: nn.Module) -> nn.Module:
 def freeze_batchnorm_statistics(model: nn.Module) -> None:
     """BN layers to eval mode (running statistics used, not updated); their affine stays trainable."""
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):  # every trainable BN has a train mode
             module.eval()
 
 
@@ -307,7 +308,7 @@ def run_arm(cfg: dict[str, Any], arm: str, batch_size: int, pretrained_path: Pat
     result of the same configuration is reused."""
     import json
 
-    from ..io import atomic_path
+    from ..files import atomic_path
 
     previous = distributed.from_main(lambda: cached_result(cfg, arm, batch_size, pretrained_path) if resume else None)
     if previous is not None:

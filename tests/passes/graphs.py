@@ -1,8 +1,8 @@
 """Tiny hand-built fx graphs and a pass context, so each pass can be called on its own.
 
 ``traced(net, shape)`` gives the GraphModule exactly as ``convert`` hands it to the first pass
-(traced, eval mode, shapes propagated); ``until(gm, ctx, step)`` runs the steps before ``step`` in
-``convert``'s order, so a test sees the graph its pass receives in the pipeline.
+(traced, eval mode, shapes propagated); ``until(gm, ctx, step)`` runs the pipeline's steps before ``step``
+(:data:`lnconvert.pipeline.PIPELINE`), so a test sees the graph its pass receives in the pipeline.
 """
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from torch import fx, nn
 from lnconvert import passes
 from lnconvert.analysis import propagate_shapes
 from lnconvert.options import ConvertOptions, PassContext
-from lnconvert.plan import LinkPlan, plan_links
+from lnconvert.pipeline import AFTER_VERIFY, PIPELINE, run_pipeline
+from lnconvert.plan import LinkPlan
 from lnconvert.report import ConversionReport
 from lnconvert.testing import randomize_batchnorm
 from lnconvert.trace import private_eval_copy, trace
 
-ORDER = ("decompose_normact", "modularize", "deep_control", "fold_bn", "plan", "link", "widen", "boundaries",
-         "relayout", "normprop")
+ALL_STEPS = PIPELINE + AFTER_VERIFY
+STEPS = [step.name for step in ALL_STEPS]
 
 
 def traced(net: nn.Module, shape: tuple[int, ...] = (2, 3, 8, 8), **options) -> tuple[fx.GraphModule, PassContext]:
@@ -38,25 +39,10 @@ def traced(net: nn.Module, shape: tuple[int, ...] = (2, 3, 8, 8), **options) -> 
 
 
 def until(gm: fx.GraphModule, ctx: PassContext, step: str) -> tuple[fx.GraphModule, LinkPlan | None]:
-    """Run ``convert``'s steps before ``step`` (with the option-dependent ones only when enabled)."""
-    plan = None
-    for name in ORDER[:ORDER.index(step)]:
-        if name == "deep_control" and ctx.options.norm != "deep-control":
-            continue
-        if name == "fold_bn" and not ctx.options.drop_bn:
-            continue
-        if name in ("plan", "link", "widen", "boundaries", "relayout") and not ctx.options.link:
-            continue
-        if name == "normprop" and ctx.options.norm != "normprop":
-            continue
-        if name == "plan":
-            propagate_shapes(gm, ctx.example_inputs)
-            plan = plan_links(gm, ctx.options)
-        elif name in ("link", "widen", "boundaries", "relayout"):
-            gm = getattr(passes, name).run(gm, ctx, plan)
-        else:
-            gm = getattr(passes, name).run(gm, ctx)
-    return gm, plan
+    """Run the pipeline's steps before ``step`` (the enabled ones, checked after each, as in
+    ``convert``); returns the graph and the link plan, if one was made."""
+    gm = run_pipeline(gm, ctx, ALL_STEPS[:STEPS.index(step)])
+    return gm, ctx.plan
 
 
 def run_planned_pass(net: nn.Module, step: str, shape: tuple[int, ...] = (2, 3, 8, 8),

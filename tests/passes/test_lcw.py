@@ -12,7 +12,7 @@ from .graphs import traced, until
 
 def projected(net, shape=(2, 3, 8, 8), **options):
     gm, ctx = traced(net, shape, lcw=True, **options)
-    gm, _ = until(gm, ctx, "normprop")  # lcw runs last, after verification
+    gm, _ = until(gm, ctx, "lcw")  # lcw runs last, after verification
     before = copy.deepcopy(gm)
     return passes.lcw.run(gm, ctx), ctx, before
 
@@ -40,6 +40,6 @@ def test_twin_columns_stay_zero_after_the_projection():
 def test_transposed_convs_are_not_projected():
     gm, ctx, before = projected(nn.Sequential(nn.ConvTranspose2d(3, 4, 2)), link=False)
     assert [(r["action"], r["detail"]) for r in ctx.report.norm_layers] == [
-        ("not applied", "no LCW form for a transposed conv")]
+        ("not applied", "no LCW form for ConvTranspose2d")]
     assert not is_lcw(gm.get_submodule("0")) and ctx.report.lcw_layers == []
     assert torch.equal(gm.get_submodule("0").weight, before.get_submodule("0").weight)

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lnconvert.layers import layer_spec
 from lnconvert.rules import (
     _RULES,
     BATCHNORM_MODULES,
     CAT_FUNCTIONS,
-    FOLDABLE_CONV_MODULES,
     FUNCTIONAL_ACTIVATIONS,
     Kind,
     is_kind,
@@ -105,7 +105,8 @@ def test_timm_batchnormact_subclasses_bn_but_is_no_batchnorm_rule():
 
 def test_timm_conv2dsame_absorbs_and_folds():
     layers = pytest.importorskip("timm.layers")
-    assert _RULES[layers.Conv2dSame].kind is Kind.ABSORB and layers.Conv2dSame in FOLDABLE_CONV_MODULES
+    assert kind_of(nn.Sequential(layers.Conv2dSame(2, 2, 3)), "_0") is Kind.ABSORB
+    assert layer_spec(layers.Conv2dSame(2, 2, 3)).folds_bn
 
 
 def test_register_rule_makes_a_custom_module_an_activation(monkeypatch):
