@@ -112,7 +112,8 @@ def transfer_markdown(metrics: dict[str, Any]) -> str:
     compacted = [r for r in metrics["runs"] if "compaction" in r]
     if compacted:
         lines += ["", "Compaction after fine-tuning (`linked-mirror-compact`): MACs of the compacted model / "
-                  "the original's, and twins removed per reason, per run:", "",
+                  "the original's, and twins removed per reason, per run (the arm's curve above is before "
+                  "compaction; its final accuracy in the first table is after it):", "",
                   "| batch | seed | MAC ratio | removed |", "|---|---|---|---|"]
         for r in compacted:
             removed = ", ".join(f"{k} {v}" for k, v in r["compaction"]["removed"].items())
