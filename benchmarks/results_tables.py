@@ -33,7 +33,7 @@ def _sources(metrics: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     if "sources" in metrics:  # an already merged file
         return metrics["sources"]
     keys = ("torch", "cpu_capability", "threads", "seconds", "note", "time_limit_minutes")
-    return [{"file": str(path), **{k: metrics[k] for k in keys if k in metrics}}]
+    return [{"file": path.name, **{k: metrics[k] for k in keys if k in metrics}}]
 
 
 def merge_depth(paths: list[Path]) -> dict[str, Any]:
