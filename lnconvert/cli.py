@@ -160,7 +160,7 @@ def convert_cmd(
     leaf: Optional[List[str]] = typer.Option(None, help="Submodule to keep opaque when tracing (repeatable)."),
     partial: bool = typer.Option(False, "--partial", help="If the whole model cannot be traced (detection, optical "
                                  "flow), convert each traceable submodule holding BatchNorm in place and verify "
-                                 "the whole model's outputs (needs --no-save)."),
+                                 "the whole model's outputs (needs --no-save; automatic with --no-save)."),
     submodule: Optional[List[str]] = typer.Option(None, "--submodule", help="Convert only this submodule in place, "
                                                   "e.g. backbone (repeatable; needs --no-save); the whole model "
                                                   "is verified."),
@@ -211,7 +211,8 @@ def convert_cmd(
                 result = convert(net, drop_bn=drop_bn, link=link, policy=policy, activations=acts,
                                  residual=residual, example_inputs=inputs, verify=verify, leaf_modules=leaf or (),
                                  tolerance=tolerance, precision=precision, name=model, norm=norm, lcw=lcw,
-                                 partial=partial, submodules=submodule or None)
+                                 partial=partial or (None if no_save else False),  # a part-converted
+                                 submodules=submodule or None)  # model cannot be saved: automatic under --no-save
             except ParityError as exc:
                 if exc.report is not None:
                     print_report(exc.report, err)

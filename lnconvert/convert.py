@@ -216,7 +216,7 @@ def convert(
     norm: str = "fold",
     lcw: bool = False,
     verify_inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]] | None = None,
-    partial: bool = False,
+    partial: bool | None = None,
     submodules: Iterable[str] | None = None,
 ) -> ConversionResult:
     """Convert a trained model into a BatchNorm-free model with linked activations.
@@ -241,10 +241,11 @@ def convert(
     design, so the model is verified *before* the projection, and the deviation it causes
     is reported (``report.lcw_deviation``, status ``changed``) instead of raising.
 
-    ``partial=True``: a model fx cannot trace as a whole (detection, optical flow) has each
-    maximal traceable submodule holding BatchNorm converted in place instead, and the whole
-    model verified (:mod:`lnconvert.partial`; ``report.parts`` lists what was converted and
-    what stayed, and why); ``submodules=["backbone", ...]`` converts exactly those.
+    A model fx cannot trace as a whole (detection, optical flow) has each maximal traceable
+    submodule holding BatchNorm converted in place instead, and the whole model verified
+    (:mod:`lnconvert.partial`; a report warning says so, ``report.parts`` lists what was
+    converted and what stayed, and why); ``partial=False`` raises :class:`TraceError` instead.
+    ``submodules=["backbone", ...]`` converts exactly those.
     With ``partial=True`` a traceable model whose BatchNorms sit inside opaque leaves (timm's
     non-traceable layers) has each such leaf converted on its own first; the converted leaves
     stay leaves of the whole model's graph.
@@ -275,7 +276,7 @@ def convert(
             try:
                 gm = trace(private_eval_copy(model), options.leaf_modules)
             except TraceError as exc:
-                if not partial:
+                if partial is False:
                     raise
                 why = str(exc)
     if gm is None:  # the named submodules, or the traceable parts of an untraceable model

@@ -120,7 +120,8 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
     report.params_before = count_params(model)
     report.parts = report.parts or []
     if why:
-        report.warnings.append(f"whole model not traceable ({_trace_reason(why)}): converted its traceable parts")
+        report.warnings.append(f"whole model not traceable ({_trace_reason(why)}): converted its traceable "
+                               f"parts in place instead (partial=False refuses)")
 
     def keep(name: str, reason: str) -> None:
         report.parts.append({"module": name, "type": type(modules[name]).__name__, "action": "kept",

@@ -28,9 +28,9 @@ def independent_parity(original, converted, inputs) -> float:
 def test_untraceable_model_converts_its_traceable_parts():
     net = bad_models.untraceable()
     x = torch.randn(2, 3, 16, 16)
-    with pytest.raises(TraceError, match="--partial"):
-        lnconvert.convert(net, example_inputs=x)
-    result = lnconvert.convert(net, example_inputs=x, partial=True)
+    with pytest.raises(TraceError, match="--no-save"):
+        lnconvert.convert(net, example_inputs=x, partial=False)
+    result = lnconvert.convert(net, example_inputs=x)  # automatic: the whole model does not trace
     report = result.report
     assert report.status == "exact" and report.max_rel_error <= 1e-5
     assert [(p["module"], p["action"]) for p in report.parts] == [("body", "converted")]
@@ -96,6 +96,9 @@ def test_cli_partial_needs_no_save_and_lists_the_parts():
     done = runner.invoke(app, ["tests.bad_models:untraceable", "--partial", "--no-save", "--input-size", "3,16,16"])
     assert done.exit_code == 0, done.stderr
     assert "part converted" in done.stdout and "body" in done.stdout and "exact" in done.stdout
+    automatic = runner.invoke(app, ["tests.bad_models:untraceable", "--no-save", "--input-size", "3,16,16"])
+    assert automatic.exit_code == 0, automatic.stderr
+    assert "whole model not traceable" in automatic.output and "part converted" in automatic.stdout
 
 
 class Opaque(torch.nn.Module):

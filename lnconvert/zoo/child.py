@@ -174,26 +174,44 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
 _ZOO_DETECTION_SIDE = 128
 _ZOO_TASK_SIZES = {"segmentation": (3, 64, 64), "detection": (3, 96, 128), "video": (3, 4, 56, 56),
                    "optical_flow": (3, 128, 128)}
+# clips of models that need more: S3D and MViT their own (None), Swin3D 16 frames (8 after its
+# temporal patch of 2, its window's length: a shorter clip shrinks the window, which its traced
+# code cannot do)
+_ZOO_CLIPS = {"S3D": None, "MViT": None, "SwinTransformer3d": (3, 16, 56, 56)}
+# Mask / Keypoint R-CNN run their mask / keypoint head on every detection: at score threshold 0
+# and 100 per image the keypoint head alone took 29 s (float32) and 56 s (float64) per run of
+# keypointrcnn_resnet50_fpn (151 detections, 2 images of 128 px); 10 per image keeps a row to minutes
+_ZOO_DETECTIONS_WITH_PER_DETECTION_HEADS = 10
+
+
+def _detection_setup(model) -> None:
+    """Small images and detections to compare: random-init scores are about 1/91, under every
+    default score threshold, so the threshold is 0 (nothing compared otherwise)."""
+    transform = model.transform
+    if getattr(transform, "fixed_size", True) is None:
+        # R-CNN / RetinaNet / FCOS resize images to a side of 800: 128 keeps a CPU row to minutes
+        transform.min_size, transform.max_size = (_ZOO_DETECTION_SIDE,), _ZOO_DETECTION_SIDE
+    roi_heads = getattr(model, "roi_heads", None)
+    for holder in (model, roi_heads):
+        if hasattr(holder, "score_thresh"):
+            holder.score_thresh = 0.0
+    if roi_heads is not None and (roi_heads.has_mask() or roi_heads.has_keypoint()):
+        roi_heads.detections_per_img = _ZOO_DETECTIONS_WITH_PER_DETECTION_HEADS
 
 
 def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]:
     """A detection / segmentation / video / flow row: the task's inputs, BN statistics measured
-    on another batch of them, partial conversion where the whole model does not trace, and
-    every output tensor of the whole model compared (detections after NMS)."""
+    on another batch of them, partial conversion where the whole model does not trace, and the
+    whole model's outputs compared (detections before NMS and, as sets, after it)."""
     from ..convert import convert
     from ..tasks import task_of
     from ..testing import randomize_batchnorm
     from ..trace import default_example_inputs
 
     task = task_of(model)
-    size = None if type(model).__name__ in ("S3D", "MViT") else _ZOO_TASK_SIZES[task]  # those need their clip
-    transform = getattr(model, "transform", None)
-    if task == "detection" and getattr(transform, "fixed_size", True) is None:
-        # R-CNN / RetinaNet / FCOS resize images to a side of 800: 128 keeps a CPU row to minutes
-        transform.min_size, transform.max_size = (_ZOO_DETECTION_SIDE,), _ZOO_DETECTION_SIDE
-    for holder in (model, getattr(model, "roi_heads", None)):  # random init scores ~1/91: keep every detection
-        if task == "detection" and hasattr(holder, "score_thresh"):
-            holder.score_thresh = 0.0
+    size = _ZOO_CLIPS.get(type(model).__name__, _ZOO_TASK_SIZES[task])
+    if task == "detection":
+        _detection_setup(model)
     inputs = default_example_inputs(model, input_size=size)
     randomize_batchnorm(model, default_example_inputs(model, batch=2, input_size=size, seed=1))
     start = time.perf_counter()
@@ -201,19 +219,13 @@ def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]
                      example_inputs=inputs, name=name, partial=True)
     report = result.report
     shape = inputs[0][0].shape if isinstance(inputs[0], list) else inputs[0].shape[1:]
+    compared = [w for w in report.warnings if w.startswith("detections compared") or "near-tie" in w]
     row = {"input_size": "x".join(map(str, shape)) + (" (x2 frames)" if task == "optical_flow" else ""),
            "traced": "parts" if report.parts is not None else "yes",
            "convert_seconds": f"{time.perf_counter() - start:.2f}", "status": report.status,
            "reason": "; ".join(report.status_reasons), **_report_columns(report),
-           "bn_after": _count_batchnorm(result.model)}
-    if report.parts is not None:
-        row["note"] = _parts_note(report)
-    if task == "detection":  # the comparison is only as strong as the number of detections in it
-        import torch
-
-        with torch.no_grad():
-            found = sum(len(d["boxes"]) for d in model.eval()(*inputs))
-        row["note"] = f"{found} detections compared; {row.get('note', '')}"
+           "bn_after": _count_batchnorm(result.model),
+           "note": "; ".join(compared + ([_parts_note(report)] if report.parts is not None else []))}
     return row
 
 

@@ -9,7 +9,7 @@ COLUMNS = (
     "params_before", "params_after", "macs_before", "macs_after", "max_rel_error", "float32_floor", "onnx_max_rel",
     "onnx_layout_ops", "convert_seconds", "verify_seconds", "status", "error_class", "reason", "note",
 )
-STATUSES = ("exact", "partial", "failed")
+STATUSES = ("exact", "partial", "unverified", "failed")  # unverified: nothing compared (0 detections)
 # tried in order when no input size is given: the first the model runs at is used
 SIZE_LADDER = (64, 96, 128, 160, 192, 224)
 _LADDER_TEXT = "the first of " + "/".join(map(str, SIZE_LADDER)) + " (below the model’s own) or its own size it runs at"

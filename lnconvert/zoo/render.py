@@ -57,11 +57,12 @@ def markdown(rows: Sequence[dict[str, Any]], options: ZooOptions | None = None) 
         lines += [f"Options: drop_bn={options.drop_bn}, policy={options.policy}, residual={options.residual}, "
                   f"input size {options.input_size or _LADDER_TEXT}, "
                   f"ONNX {'checked' if options.onnx else 'not checked'}; BN statistics randomised.", ""]
-    lines += ["| library | models | exact | partial | failed | median s | max s |", "|---|---|---|---|---|---|---|"]
+    lines += ["| library | models | exact | partial | unverified | failed | median s | max s |",
+              "|---|---|---|---|---|---|---|---|"]
     for library, c in coverage(rows).items():
         seconds = [f"{c[k]:.2f}" if c[k] is not None else "-" for k in ("median_s", "max_s")]
-        lines.append(f"| {library} | {c['models']} | {c['exact']} | {c['partial']} | {c['failed']} | "
-                     f"{seconds[0]} | {seconds[1]} |")
+        counts = " | ".join(str(c[s]) for s in STATUSES)
+        lines.append(f"| {library} | {c['models']} | {counts} | {seconds[0]} | {seconds[1]} |")
     lines += ["", "| model | input | traced | BN before -> after (folded/affine/kept) | act linked/skipped | "
                   "widened | boundaries slice/gate | params x | MACs x | max rel (float32 floor) | ONNX max rel | s | "
                   "status |",
