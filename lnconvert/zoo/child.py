@@ -174,10 +174,7 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
 _ZOO_DETECTION_SIDE = 128
 _ZOO_TASK_SIZES = {"segmentation": (3, 64, 64), "detection": (3, 96, 128), "video": (3, 4, 56, 56),
                    "optical_flow": (3, 128, 128)}
-# clips of models that need more: S3D and MViT their own (None), Swin3D 16 frames (8 after its
-# temporal patch of 2, its window's length: a shorter clip shrinks the window, which its traced
-# code cannot do)
-_ZOO_CLIPS = {"S3D": None, "MViT": None, "SwinTransformer3d": (3, 16, 56, 56)}
+_ZOO_CLIPS = {"S3D": None, "MViT": None}  # clips of models that need their own (None: the task default)
 # Mask / Keypoint R-CNN run their mask / keypoint head on every detection: at score threshold 0
 # and 100 per image the keypoint head alone took 29 s (float32) and 56 s (float64) per run of
 # keypointrcnn_resnet50_fpn (151 detections, 2 images of 128 px); 10 per image keeps a row to minutes
