@@ -177,8 +177,9 @@ def test_unverified_rows_are_counted_and_shown():
 
 
 def test_detection_rows_compare_detections_within_minutes():
-    """Score threshold 0 (random-init scores are about 1/91), images of 128 px, and Mask /
-    Keypoint R-CNN capped at 10 detections per image (their per-detection heads)."""
+    """Score threshold 0 (random-init scores are about 1/91), images of 128 px, R-CNNs at 100
+    proposals per image and Mask / Keypoint R-CNN at 10 detections (their per-proposal and
+    per-detection heads)."""
     import torchvision
 
     from lnconvert.zoo.child import _detection_setup
@@ -189,4 +190,5 @@ def test_detection_rows_compare_detections_within_minutes():
         _detection_setup(model)
         assert model.transform.min_size == (128,) and model.transform.max_size == 128
     assert mask.roi_heads.score_thresh == 0.0 and mask.roi_heads.detections_per_img == 10
+    assert mask.rpn.post_nms_top_n() == 2000 and mask.eval().rpn.post_nms_top_n() == 100  # training unchanged
     assert retina.score_thresh == 0.0 and retina.detections_per_img == 300  # no per-detection head: unchanged

@@ -179,6 +179,9 @@ _ZOO_CLIPS = {"S3D": None, "MViT": None}  # clips of models that need their own 
 # and 100 per image the keypoint head alone took 29 s (float32) and 56 s (float64) per run of
 # keypointrcnn_resnet50_fpn (151 detections, 2 images of 128 px); 10 per image keeps a row to minutes
 _ZOO_DETECTIONS_WITH_PER_DETECTION_HEADS = 10
+# R-CNN box heads run on every RPN proposal (1000 per image by default); the _v2 box head is 4
+# convolutions with BatchNorm: fasterrcnn_resnet50_fpn_v2's row took 553 s at 1000 per image
+_ZOO_RPN_PROPOSALS = 100
 
 
 def _detection_setup(model) -> None:
@@ -194,6 +197,10 @@ def _detection_setup(model) -> None:
             holder.score_thresh = 0.0
     if roi_heads is not None and (roi_heads.has_mask() or roi_heads.has_keypoint()):
         roi_heads.detections_per_img = _ZOO_DETECTIONS_WITH_PER_DETECTION_HEADS
+    rpn = getattr(model, "rpn", None)
+    if rpn is not None:  # the constructor's rpn_post_nms_top_n_test
+        rpn._post_nms_top_n = dict(rpn._post_nms_top_n, testing=min(rpn._post_nms_top_n["testing"],
+                                                                     _ZOO_RPN_PROPOSALS))
 
 
 def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]:
