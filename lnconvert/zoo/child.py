@@ -229,7 +229,7 @@ def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]
            "convert_seconds": f"{time.perf_counter() - start:.2f}", "status": report.status,
            "reason": "; ".join(report.status_reasons), **_report_columns(report),
            "bn_after": _count_batchnorm(result.model),
-           "note": "; ".join(compared + ([_parts_note(report)] if report.parts is not None else []))}
+           "note": "; ".join(filter(None, compared + [_parts_note(report) if report.parts is not None else ""]))}
     if report.float64_conversion_error is not None and report.status != "failed":
         row["note"] = (f"above 1e-5 only by float32 rounding (<= the original's own); a float64 copy converts to "
                        f"{report.float64_conversion_error:.1e}; {row['note']}")
