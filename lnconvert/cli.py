@@ -429,7 +429,7 @@ def zoo_cmd(
     A failed model is a row, not an error: the exit code is 0 once every model has a row.
     """
     from .options import ConvertOptions
-    from .zoo import ZooOptions, run_zoo, select_models
+    from .zoo import STATUSES, ZooOptions, run_zoo, select_models
 
     try:
         ConvertOptions(policy=policy, residual=residual)  # validate before any model runs
@@ -448,7 +448,7 @@ def zoo_cmd(
         rows = run_zoo(names, options, out=out_prefix, jobs=jobs, rerun=rerun, console=err)
         chosen = set(names)
         mine = [r for r in rows if r["model"] in chosen]
-        out.print(", ".join(f"{sum(r['status'] == s for r in mine)} {s}" for s in ("exact", "partial", "failed"))
+        out.print(", ".join(f"{sum(r['status'] == s for r in mine)} {s}" for s in STATUSES)
                   + f" of {len(mine)}; report {out_prefix}.csv, {out_prefix}.md", highlight=False)
     except (typer.Exit, click.exceptions.Exit):
         raise
