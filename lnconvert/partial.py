@@ -92,6 +92,7 @@ def _part_options(options: ConvertOptions, prefix: str) -> dict[str, Any]:
     kwargs = options.graph_kwargs() | {"tolerance": options.tolerance, "precision": options.precision}
     kwargs["leaf_modules"] = [n[len(prefix) + 1:] for n in options.leaf_modules if n.startswith(prefix + ".")]
     kwargs.pop("twins", None)
+    kwargs["partial"] = False  # a part that does not trace is split into its children here, not converted in parts
     return kwargs
 
 

@@ -40,6 +40,26 @@ def test_untraceable_model_converts_its_traceable_parts():
     assert not remaining(result.model) and remaining(net)  # the caller's model is untouched
 
 
+def test_a_part_that_does_not_trace_is_split_into_its_children():
+    """Not converted in parts of its own (the automatic fallback is for the whole model only):
+    the report names the child that was converted."""
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+            self.gate = bad_models.DataDependent()
+
+        def forward(self, x):
+            return self.gate(self.body(x))
+
+    net = torch.nn.Sequential(Inner(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = lnconvert.convert(net, example_inputs=x)
+    assert [(p["module"], p["action"]) for p in result.report.parts] == [("0.body", "converted")]
+    assert result.report.status == "exact" and not remaining(result.model)
+    assert independent_parity(net, result.model, (x,)) <= 1e-5
+
+
 def test_named_submodules_only_and_what_stays_is_reported():
     model = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None).eval()
     x = torch.randn(2, 3, 64, 64)
