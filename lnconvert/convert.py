@@ -183,15 +183,20 @@ def _accept_float32_rounding(model: nn.Module, options: ConvertOptions, inputs: 
     a float64 copy of the model converts within the tolerance: the graph is then proven right
     and the excess is the float32 storage of the folded weights, which deep nets amplify no
     more than running the original itself in float32 does."""
-    error = float64_conversion_error(model, options, inputs, checks)
+    accept_float32_rounding(float64_conversion_error(model, options, inputs, checks), options.tolerance, bad, report)
+
+
+def accept_float32_rounding(error: float, tolerance: float, bad: list, report: ConversionReport) -> None:
+    """Pass the ``bad`` rows (each within the original's own float32 rounding) when the float64
+    copy's conversion ``error`` is within ``tolerance``; record the error either way."""
     report.float64_conversion_error = error
-    if error > options.tolerance:
+    if error > tolerance:
         return
     for row in bad:
         row.ok = True
     worst = max(bad, key=lambda p: p.max_rel)
     report.warnings.append(
-        f"{len(bad)} output(s) above the tolerance {options.tolerance:.0e} only by float32 rounding: max rel "
+        f"{len(bad)} output(s) above the tolerance {tolerance:.0e} only by float32 rounding: max rel "
         f"{worst.max_rel:.1e} <= the original's own float32 rounding {worst.native_noise:.1e}; a float64 "
         f"copy converts within {error:.1e}")
 

@@ -217,6 +217,8 @@ def _accept_float32_rounding(model: nn.Module, inputs: tuple[Any, ...], options:
     copy is within the tolerance (the parts are then right, and the excess is the float32
     storage of their folded weights, amplified: e.g. Mask R-CNN's masks, pasted at box
     positions that moved by 1e-4 pixel)."""
+    from .convert import accept_float32_rounding
+
     def wide(args: Any) -> Any:
         return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, args)
 
@@ -230,16 +232,7 @@ def _accept_float32_rounding(model: nn.Module, inputs: tuple[Any, ...], options:
     except RuntimeError as exc:  # a model that makes float32 tensors itself cannot run in float64
         report.warnings.append(f"no float64 check of the parts ({one_line(exc)})")
         return
-    report.float64_conversion_error = error
-    if error > options.tolerance:
-        return
-    for row in bad:
-        row.ok = True
-    worst = max(bad, key=lambda p: p.max_rel)
-    report.warnings.append(
-        f"{len(bad)} output(s) above the tolerance {options.tolerance:.0e} only by float32 rounding: max rel "
-        f"{worst.max_rel:.1e} <= the original's own float32 rounding {worst.native_noise:.1e}; a float64 "
-        f"copy converts within {error:.1e}")
+    accept_float32_rounding(error, options.tolerance, bad, report)
 
 
 def opaque_parts(gm) -> list[str]:

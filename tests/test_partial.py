@@ -231,3 +231,19 @@ def test_raft_small_converts_in_parts_at_its_smallest_input():
     result = lnconvert.convert(model, example_inputs=frames)
     assert result.report.parts == [] and result.report.status == "exact"
     assert independent_parity(model, result.model, frames) <= 1e-5
+
+
+def test_parts_within_float32_rounding_pass_when_a_float64_copy_converts_exactly():
+    """The whole-model rule for parts: 12 conv-BN-ReLU layers behind a value-dependent gate at a
+    tolerance (1e-7) under what float32 storage of the folded weights allows."""
+    torch.manual_seed(0)
+    layers = []
+    for i in range(12):
+        layers += [torch.nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()]
+    net = torch.nn.Sequential(torch.nn.Sequential(*layers), bad_models.DataDependent()).eval()
+    randomize_batchnorm(net, torch.randn(4, 3, 8, 8))
+    report = lnconvert.convert(net, example_inputs=torch.randn(2, 3, 8, 8), tolerance=1e-7).report
+    (row,) = report.parity
+    assert 1e-7 < row.max_rel <= row.native_noise and row.ok and report.status == "exact"
+    assert report.parts[0]["action"] == "converted" and report.float64_conversion_error <= 1e-7
+    assert any("only by float32 rounding" in w for w in report.warnings)
