@@ -192,14 +192,14 @@ def match_detections(expected: dict, got: dict, tolerance: float, limits: Decisi
     worst_abs, worst_rel = 0.0, 0.0
     if pairs:
         e, g = (torch.tensor(side) for side in zip(*pairs))
-        checks = [("boxes", scale), ("scores", 1.0)] + [(k, None) for k in _EXTRAS if k in expected and k in got]
-        for key, fixed in checks:
+        # coordinates (boxes; keypoints' x, y, visibility 0/1) relative to the boxes' scale,
+        # scores absolutely, masks and keypoint scores as any output: max(1, max |reference|)
+        scales = {"boxes": scale, "keypoints": scale, "scores": 1.0}
+        for key in ("boxes", "scores") + tuple(k for k in _EXTRAS if k in expected and k in got):
             ref = expected[key][e].double()
             delta = (ref - got[key][g].double()).abs()
-            if key == "keypoints":  # x, y are coordinates (the boxes' scale); visibility is 0/1
-                fixed = scale
-            max_abs, max_rel = _relative(delta, ref) if fixed is None else \
-                (float(delta.max()), float(delta.max()) / fixed)
+            max_abs = float(delta.max()) if delta.numel() else 0.0
+            max_rel = max_abs / scales[key] if key in scales else _relative(delta, ref)[1]
             worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
     return ImageMatch(len(pairs), [i for i in lost if i not in excused_lost],
                       [j for j in extra if j not in excused_extra], len(excused_lost) + len(excused_extra),
