@@ -156,7 +156,7 @@ def convert_cmd(
     leaf: Optional[List[str]] = typer.Option(None, help="Submodule to keep opaque when tracing (repeatable)."),
     partial: bool = typer.Option(False, "--partial", help="If the whole model cannot be traced (detection, optical "
                                  "flow), convert each traceable submodule holding BatchNorm in place and verify "
-                                 "the whole model's outputs (needs --no-save)."),
+                                 "the whole model's outputs (needs --no-save; automatic with --no-save)."),
     submodule: Optional[List[str]] = typer.Option(None, "--submodule", help="Convert only this submodule in place, "
                                                   "e.g. backbone (repeatable; needs --no-save); the whole model "
                                                   "is verified."),
@@ -206,7 +206,8 @@ def convert_cmd(
                 result = convert(net, drop_bn=drop_bn, link=link, policy=policy, activations=acts,
                                  residual=residual, example_inputs=inputs, verify=verify, leaf_modules=leaf or (),
                                  tolerance=tolerance, precision=precision, name=model, norm=norm, lcw=lcw,
-                                 partial=partial, submodules=submodule or None,
+                                 partial=partial or (None if no_save else False),  # a part-converted
+                                 submodules=submodule or None,  # model cannot be saved: automatic under --no-save
                                  calibration_data=None if calibration is None else calibration.split(32))
             except ParityError as exc:
                 if exc.report is not None:
@@ -416,7 +417,7 @@ def zoo_cmd(
     A failed model is a row, not an error: the exit code is 0 once every model has a row.
     """
     from .options import ConvertOptions
-    from .zoo import ZooOptions, run_zoo, select_models
+    from .zoo import STATUSES, ZooOptions, run_zoo, select_models
 
     # finished rows are on disk and running children were ended
     interrupted = f"interrupted; the rows finished so far are in {out_prefix}.csv (run again to resume)"
@@ -437,7 +438,7 @@ def zoo_cmd(
         rows = run_zoo(names, options, out=out_prefix, jobs=jobs, rerun=rerun, console=err)
         chosen = set(names)
         mine = [r for r in rows if r["model"] in chosen]
-        out.print(", ".join(f"{sum(r['status'] == s for r in mine)} {s}" for s in ("exact", "partial", "failed"))
+        out.print(", ".join(f"{sum(r['status'] == s for r in mine)} {s}" for s in STATUSES)
                   + f" of {len(mine)}; report {out_prefix}.csv, {out_prefix}.md", highlight=False)
 
 

@@ -183,15 +183,20 @@ def _accept_float32_rounding(model: nn.Module, options: ConvertOptions, inputs: 
     a float64 copy of the model converts within the tolerance: the graph is then proven right
     and the excess is the float32 storage of the folded weights, which deep nets amplify no
     more than running the original itself in float32 does."""
-    error = float64_conversion_error(model, options, inputs, checks)
+    accept_float32_rounding(float64_conversion_error(model, options, inputs, checks), options.tolerance, bad, report)
+
+
+def accept_float32_rounding(error: float, tolerance: float, bad: list, report: ConversionReport) -> None:
+    """Pass the ``bad`` rows (each within the original's own float32 rounding) when the float64
+    copy's conversion ``error`` is within ``tolerance``; record the error either way."""
     report.float64_conversion_error = error
-    if error > options.tolerance:
+    if error > tolerance:
         return
     for row in bad:
         row.ok = True
     worst = max(bad, key=lambda p: p.max_rel)
     report.warnings.append(
-        f"{len(bad)} output(s) above the tolerance {options.tolerance:.0e} only by float32 rounding: max rel "
+        f"{len(bad)} output(s) above the tolerance {tolerance:.0e} only by float32 rounding: max rel "
         f"{worst.max_rel:.1e} <= the original's own float32 rounding {worst.native_noise:.1e}; a float64 "
         f"copy converts within {error:.1e}")
 
@@ -238,7 +243,7 @@ def convert(
     norm: str = "fold",
     lcw: bool = False,
     verify_inputs: Iterable[torch.Tensor | Sequence[torch.Tensor]] | None = None,
-    partial: bool = False,
+    partial: bool | None = None,
     submodules: Iterable[str] | None = None,
     calibration_data: Iterable[torch.Tensor] | None = None,
 ) -> ConversionResult:
@@ -264,10 +269,11 @@ def convert(
     design, so the model is verified *before* the projection, and the deviation it causes
     is reported (``report.lcw_deviation``, status ``changed``) instead of raising.
 
-    ``partial=True``: a model fx cannot trace as a whole (detection, optical flow) has each
-    maximal traceable submodule holding BatchNorm converted in place instead, and the whole
-    model verified (:mod:`lnconvert.partial`; ``report.parts`` lists what was converted and
-    what stayed, and why); ``submodules=["backbone", ...]`` converts exactly those.
+    A model fx cannot trace as a whole (detection, optical flow) has each maximal traceable
+    submodule holding BatchNorm converted in place instead, and the whole model verified
+    (:mod:`lnconvert.partial`; a report warning says so, ``report.parts`` lists what was
+    converted and what stayed, and why); ``partial=False`` raises :class:`TraceError` instead.
+    ``submodules=["backbone", ...]`` converts exactly those.
     With ``partial=True`` a traceable model whose BatchNorms sit inside opaque leaves (timm's
     non-traceable layers) has each such leaf converted on its own first; the converted leaves
     stay leaves of the whole model's graph.
@@ -305,7 +311,7 @@ def convert(
             try:
                 gm = trace(private_eval_copy(model), options.leaf_modules)
             except TraceError as exc:
-                if not partial:
+                if partial is False:
                     raise
                 why = str(exc)
     if gm is None:  # the named submodules, or the traceable parts of an untraceable model

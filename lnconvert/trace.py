@@ -69,7 +69,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
         where = tracer.failed_in
         location = f" in module '{where[0] or '<root>'}' ({where[1]})" if where else ""
         hint = f"; try leaf_modules=['{where[0]}'] (CLI: --leaf {where[0]})" if where and where[0] else ""
-        hint += "; or convert its traceable parts: partial=True (CLI: --partial)"
+        hint += "; or convert its traceable parts in place: partial unset (CLI: --no-save; not savable yet)"
         raise TraceError(f"cannot trace {type(model).__name__}{location}: {_reason(exc)}{hint}") from exc
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)

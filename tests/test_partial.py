@@ -28,9 +28,9 @@ def independent_parity(original, converted, inputs) -> float:
 def test_untraceable_model_converts_its_traceable_parts():
     net = bad_models.untraceable()
     x = torch.randn(2, 3, 16, 16)
-    with pytest.raises(TraceError, match="--partial"):
-        lnconvert.convert(net, example_inputs=x)
-    result = lnconvert.convert(net, example_inputs=x, partial=True)
+    with pytest.raises(TraceError, match="--no-save"):
+        lnconvert.convert(net, example_inputs=x, partial=False)
+    result = lnconvert.convert(net, example_inputs=x)  # automatic: the whole model does not trace
     report = result.report
     assert report.status == "exact" and report.max_rel_error <= 1e-5
     assert [(p["module"], p["action"]) for p in report.parts] == [("body", "converted")]
@@ -38,6 +38,26 @@ def test_untraceable_model_converts_its_traceable_parts():
     assert any("whole model not traceable" in w for w in report.warnings)
     assert independent_parity(net, result.model, (x,)) <= 1e-5
     assert not remaining(result.model) and remaining(net)  # the caller's model is untouched
+
+
+def test_a_part_that_does_not_trace_is_split_into_its_children():
+    """Not converted in parts of its own (the automatic fallback is for the whole model only):
+    the report names the child that was converted."""
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+            self.gate = bad_models.DataDependent()
+
+        def forward(self, x):
+            return self.gate(self.body(x))
+
+    net = torch.nn.Sequential(Inner(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = lnconvert.convert(net, example_inputs=x)
+    assert [(p["module"], p["action"]) for p in result.report.parts] == [("0.body", "converted")]
+    assert result.report.status == "exact" and not remaining(result.model)
+    assert independent_parity(net, result.model, (x,)) <= 1e-5
 
 
 def test_named_submodules_only_and_what_stays_is_reported():
@@ -69,6 +89,9 @@ def test_detection_whole_output_parity():
     result = lnconvert.convert(model, example_inputs=(images,), partial=True, tolerance=1e-4)
     parts = {p["module"]: p["action"] for p in result.report.parts}
     assert parts == {"backbone": "converted"} and not remaining(result.model)
+    outputs = {p.output for p in result.report.parity}
+    assert {"detections[0]", "detections[1]"} < outputs and any(o.startswith("rpn.head") for o in outputs)
+    assert "detections compared as sets: 40 matched" in result.report.warnings  # 20 per image
     with torch.no_grad():
         expected, got = model(images), result.model(images)
     assert all(len(e["boxes"]) > 0 for e in expected)
@@ -76,6 +99,18 @@ def test_detection_whole_output_parity():
         assert torch.equal(e["labels"], g["labels"])
         torch.testing.assert_close(g["boxes"], e["boxes"], rtol=0, atol=1e-4 * max(1.0, float(e["boxes"].abs().max())))
         torch.testing.assert_close(g["scores"], e["scores"], rtol=0, atol=1e-4)
+
+
+def test_zero_detections_are_nothing_compared_not_a_pass():
+    """At random init every score is about 1/91, under the default threshold 0.05: no detection."""
+    model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
+                                         weights_backbone=None, min_size=64, max_size=64,
+                                         rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=50).eval()
+    (images,) = default_example_inputs(model, input_size=(3, 64, 80))
+    result = lnconvert.convert(model, example_inputs=(images,))
+    assert result.report.status == "unverified"
+    assert any(r.startswith("nothing compared: the outputs hold 0 detections") for r in result.report.status_reasons)
+    assert all(p.ok for p in result.report.parity) and any("before NMS" in p.output for p in result.report.parity)
 
 
 def test_video_model_converts_whole_on_a_tiny_clip():
@@ -96,6 +131,9 @@ def test_cli_partial_needs_no_save_and_lists_the_parts():
     done = runner.invoke(app, ["tests.bad_models:untraceable", "--partial", "--no-save", "--input-size", "3,16,16"])
     assert done.exit_code == 0, done.stderr
     assert "part converted" in done.stdout and "body" in done.stdout and "exact" in done.stdout
+    automatic = runner.invoke(app, ["tests.bad_models:untraceable", "--no-save", "--input-size", "3,16,16"])
+    assert automatic.exit_code == 0, automatic.stderr
+    assert "whole model not traceable" in automatic.output and "part converted" in automatic.stdout
 
 
 class Opaque(torch.nn.Module):
@@ -152,3 +190,60 @@ def test_batchnorm_left_inside_a_converted_part_is_counted():
     part = torch.fx.symbolic_trace(FunctionalBN())
     whole = trace(torch.nn.Sequential(part, torch.nn.ReLU()).eval(), ["0"])
     assert [n for n in lnconvert.remaining_batchnorm(whole)] == ["0.batch_norm"]
+
+
+def tiny_raft_with_batchnorm() -> torch.nn.Module:
+    """raft_small's architecture (bottleneck encoders, no mask predictor) at small widths, with a
+    BatchNorm context encoder (raft_large has one; raft_small has none) and a 2-level
+    correlation pyramid, so 32 x 32 frames suffice."""
+    from torchvision.models.optical_flow.raft import BottleneckBlock, _raft
+
+    return _raft(feature_encoder_layers=(8, 8, 16, 16, 24), feature_encoder_block=BottleneckBlock,
+                 feature_encoder_norm_layer=torch.nn.InstanceNorm2d,
+                 context_encoder_layers=(8, 8, 16, 16, 32), context_encoder_block=BottleneckBlock,
+                 context_encoder_norm_layer=torch.nn.BatchNorm2d, corr_block_num_levels=2, corr_block_radius=1,
+                 motion_encoder_corr_layers=(16,), motion_encoder_flow_layers=(16, 8), motion_encoder_out_channels=14,
+                 recurrent_block_hidden_state_size=16, recurrent_block_kernel_size=(3,),
+                 recurrent_block_padding=(1,), flow_head_hidden_size=16, use_mask_predictor=False).eval()
+
+
+def test_optical_flow_converts_its_encoder_in_parts_and_verifies_every_flow_field():
+    """RAFT: the iterative updates cannot be traced; the BatchNorm context encoder is converted,
+    and all 12 flow fields of the whole model are compared (float32: RAFT makes float32 grids)."""
+    model = tiny_raft_with_batchnorm()
+    frames = default_example_inputs(model, batch=1, input_size=(3, 32, 32))
+    randomize_batchnorm(model, default_example_inputs(model, batch=2, input_size=(3, 32, 32), seed=1))
+    result = lnconvert.convert(model, example_inputs=frames)  # automatic: RAFT does not trace whole
+    assert [(p["module"], p["action"]) for p in result.report.parts] == [("context_encoder", "converted")]
+    assert result.report.status == "exact" and not remaining(result.model) and remaining(model)
+    assert len(result.report.parity) == 12 and all(p.precision == "float32" for p in result.report.parity)
+    assert independent_parity(model, result.model, frames) <= 1e-5
+
+
+@pytest.mark.slow
+def test_raft_small_converts_in_parts_at_its_smallest_input():
+    """raft_small itself (no BatchNorm: nothing to convert, the whole model still verified) at
+    the 128 x 128 its correlation pyramid needs; about 30 s on a loaded 2-core machine."""
+    from lnconvert.models import load_model
+
+    model = load_model("raft_small")
+    frames = default_example_inputs(model, batch=1, input_size=(3, 128, 128))
+    result = lnconvert.convert(model, example_inputs=frames)
+    assert result.report.parts == [] and result.report.status == "exact"
+    assert independent_parity(model, result.model, frames) <= 1e-5
+
+
+def test_parts_within_float32_rounding_pass_when_a_float64_copy_converts_exactly():
+    """The whole-model rule for parts: 12 conv-BN-ReLU layers behind a value-dependent gate at a
+    tolerance (1e-7) under what float32 storage of the folded weights allows."""
+    torch.manual_seed(0)
+    layers = []
+    for i in range(12):
+        layers += [torch.nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()]
+    net = torch.nn.Sequential(torch.nn.Sequential(*layers), bad_models.DataDependent()).eval()
+    randomize_batchnorm(net, torch.randn(4, 3, 8, 8))
+    report = lnconvert.convert(net, example_inputs=torch.randn(2, 3, 8, 8), tolerance=1e-7).report
+    (row,) = report.parity
+    assert 1e-7 < row.max_rel <= row.native_noise and row.ok and report.status == "exact"
+    assert report.parts[0]["action"] == "converted" and report.float64_conversion_error <= 1e-7
+    assert any("only by float32 rounding" in w for w in report.warnings)

@@ -161,3 +161,34 @@ def test_full_torchvision_list(tmp_path):
 # the output beyond the original's own float32 rounding (a float64 copy converts to 5.6e-7), and
 # one too big for this machine's memory
 KNOWN_NOT_EXACT = {"torchvision/efficientnet_b6", "torchvision/regnet_y_128gf"}
+
+
+def test_unverified_rows_are_counted_and_shown():
+    from lnconvert.zoo import coverage, markdown
+
+    rows = [{"model": "torchvision/detection/a", "library": "torchvision", "status": "unverified",
+             "reason": "nothing compared: the outputs hold 0 detections"},
+            {"model": "torchvision/b", "library": "torchvision", "status": "exact", "convert_seconds": "1.0"}]
+    assert coverage(rows)["torchvision"] | {"median_s": None, "max_s": None} == {
+        "models": 2, "exact": 1, "partial": 0, "unverified": 1, "failed": 0, "median_s": None, "max_s": None}
+    text = markdown(rows)
+    assert "| exact | partial | unverified | failed |" in text and "| torchvision | 2 | 1 | 0 | 1 | 0 |" in text
+    assert "unverified: nothing compared" in text
+
+
+def test_detection_rows_compare_detections_within_minutes():
+    """Score threshold 0 (random-init scores are about 1/91), images of 128 px, R-CNNs at 100
+    proposals per image and Mask / Keypoint R-CNN at 10 detections (their per-proposal and
+    per-detection heads)."""
+    import torchvision
+
+    from lnconvert.zoo.child import _detection_setup
+
+    mask = torchvision.models.get_model("maskrcnn_resnet50_fpn", weights=None, weights_backbone=None)
+    retina = torchvision.models.get_model("retinanet_resnet50_fpn", weights=None, weights_backbone=None)
+    for model in (mask, retina):
+        _detection_setup(model)
+        assert model.transform.min_size == (128,) and model.transform.max_size == 128
+    assert mask.roi_heads.score_thresh == 0.0 and mask.roi_heads.detections_per_img == 10
+    assert mask.rpn.post_nms_top_n() == 2000 and mask.eval().rpn.post_nms_top_n() == 100  # training unchanged
+    assert retina.score_thresh == 0.0 and retina.detections_per_img == 300  # no per-detection head: unchanged
