@@ -55,6 +55,22 @@ class SqueezeExciteBlock(nn.Module):
         return self.head(self.project(self.excite(self.depthwise(self.expand(x)))))
 
 
+class PooledStem(nn.Module):
+    """resnet's stem and a basic block: a linked activation read through a max pooling by a
+    conv and by the residual add (a ``slice`` boundary selects its primaries)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.body(x) + x)
+
+
 def _train_twins(gm: nn.Module, seed: int = 1) -> None:
     """Give every twin weight (zero at conversion) a random value, as fine-tuning would, so
     the lowering is checked on the twin half too (at conversion it multiplies zeros)."""
@@ -165,6 +181,20 @@ def test_squeeze_excitation_and_pooled_head_read_the_halves(tmp_path):
         reference = result.model.eval()(x)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - reference.numpy()).max() <= 1e-5 * max(1.0, float(reference.abs().max()))
+
+
+def test_max_pooled_halves_feed_the_conv_and_the_residual(tmp_path):
+    model, x = prepared(PooledStem(), shape=(2, 3, 8, 8))
+    result = lnconvert.convert(model, example_inputs=x, residual="slice")
+    _train_twins(result.model)
+    wide = copy.deepcopy(result.model).eval().double()
+    lowered, rewritten = lower_linked.run(wide, (x.double(),))
+    assert rewritten == 3  # body conv 1 (through the max pool), body conv 2, the linear
+    with torch.no_grad():
+        expected, got = wide(x.double()), lowered(x.double())
+    assert (expected - got).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
+    path = export_onnx(result, tmp_path / "stem.onnx")
+    assert added_layout_ops(path, model, (x,)) == Counter({"Reshape": 1})  # the flatten, on each half
 
 
 def test_compacted_model_lowers_exactly(tmp_path):

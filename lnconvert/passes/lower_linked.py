@@ -115,8 +115,9 @@ def _hardsigmoid(graph: fx.Graph, x: fx.Node, alpha: float) -> fx.Node:
     return graph.call_function(F.hardsigmoid, (graph.call_function(torch.add, (scaled, -3.0)),))
 
 
-def _halves(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation) -> Halves:
-    """Insert, before ``node``, the cheapest exact form of the two halves its consumers read.
+def _halves(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation, plain: bool) -> Halves:
+    """Insert, before ``node``, the cheapest exact form of the two halves its consumers read;
+    ``plain``: the halves themselves, unscaled (a max pooling on the way needs them).
 
     ONNX Runtime runs a conv in its blocked (NCHWc) layout and fuses the following activation
     into it when the conv's output has one reader; a standalone ``Relu``, ``Sigmoid`` or
@@ -126,10 +127,10 @@ def _halves(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation) -> Halv
     """
     graph, source, act = gm.graph, node.args[0], linked.act
     own_act = f"{node.target}.act"
-    identity = twin_from_primary(linked)
+    identity = None if plain else twin_from_primary(linked)
     if identity is not None:  # the twin conv reads the activation's input: no twin tensor at all
         return Halves(graph.call_module(own_act, (source,)), source, identity[0], 1.0, identity[1])
-    clamps = (not linked.subset and linked.policy == "mirror" and linked.twin_act is None
+    clamps = (not plain and not linked.subset and linked.policy == "mirror" and linked.twin_act is None
               and type(act) in (nn.ReLU6, nn.Hardtanh) and act.min_val == 0)
     if clamps and _fuses_into_producer(source, gm):
         # c = clamp(x, -hi, hi) fuses into the conv; relu(c) = hardtanh(x), relu(-c) = relu(c) - c
@@ -145,6 +146,8 @@ def _halves(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation) -> Halv
     sign = 1.0
     if linked.policy == "minmax":
         twin = graph.call_function(torch.clamp, (source,), {"max": 0.0})
+    elif plain:
+        twin = graph.call_module(twin_act, (graph.call_function(torch.neg, (source,)),))
     elif linked.twin_act is None and type(act) is nn.ReLU:  # relu(-x) = -min(x, 0)
         twin, sign = graph.call_function(torch.clamp, (source,), {"max": 0.0}), -1.0
     elif linked.twin_act is None and isinstance(act, nn.Hardtanh):  # hardtanh(-x) = -clamp(x, -hi, -lo)
@@ -160,6 +163,8 @@ def _halves(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation) -> Halv
 CHANNELWISE_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
                        nn.AvgPool3d, nn.Dropout, nn.Identity)
 CHANNELWISE_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool2d, F.dropout)
+# per channel but not linear: commute with the split of the plain halves only (resnet's stem)
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
 def _gate_of(gm: fx.GraphModule, user: fx.Node, source: fx.Node, layout: Layout) -> fx.Node | None:
@@ -180,13 +185,20 @@ def _gate_of(gm: fx.GraphModule, user: fx.Node, source: fx.Node, layout: Layout)
     return other
 
 
+def _is_max_pool(gm: fx.GraphModule, user: fx.Node) -> bool:
+    return user.op == "call_module" and isinstance(module := gm.get_submodule(user.target), MAX_POOLS) \
+        and not module.return_indices
+
+
 def _commutes(gm: fx.GraphModule, user: fx.Node, source: fx.Node, dim: int) -> bool:
-    """Whether ``user`` applies the same linear map to every channel of ``source`` (its only
-    tensor argument), keeping the channel axis ``dim`` in place."""
+    """Whether ``user`` applies the same linear map (or a max pooling) to every channel of
+    ``source`` (its only tensor argument), keeping the channel axis ``dim`` in place."""
     if user.args[:1] != (source,) or any(isinstance(a, fx.Node) for a in [*user.args[1:], *user.kwargs.values()]):
         return False
     if user.op == "call_module":
         module = gm.get_submodule(user.target)
+        if _is_max_pool(gm, user):
+            return True
         if isinstance(module, nn.Flatten):
             return module.start_dim == dim == 1 and module.end_dim == -1 and _trailing_ones(source, dim)
         return isinstance(module, CHANNELWISE_MODULES)
@@ -201,17 +213,33 @@ def _trailing_ones(node: fx.Node, dim: int) -> bool:
     return shape is not None and all(s == 1 for s in shape[dim + 1:])
 
 
-def _split_readers(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation, layout: Layout
-                   ) -> tuple[list[tuple[fx.Node, fx.Node | None]], list[tuple[fx.Node, nn.Module, Layout]]]:
-    """The ops on the way from ``node`` to conv/linear consumers that commute with the split
-    (each with its gate's ChannelExpand for an excitation multiply, else None), in graph
-    order, and those consumers."""
-    ndim = len(shape_of(node) or ())
-    steps, consumers = [], []
+@dataclass
+class Readers:
+    """Where a linked activation's output goes: the ops on the way to conv/linear consumers
+    that commute with the split (each with its gate's ChannelExpand for an excitation
+    multiply, else None), in graph order; those consumers; the selections of the primaries
+    (with the tensor they read); whether a max pooling on the way needs the plain halves."""
+
+    steps: list[tuple[fx.Node, fx.Node | None]]
+    consumers: list[tuple[fx.Node, nn.Module, Layout]]
+    selects: list[fx.Node]
+    plain: bool
+
+
+def _split_readers(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation, layout: Layout) -> Readers:
+    """The readers of ``node`` that can read its halves instead (see :class:`Readers`)."""
+    steps, consumers, selects, plain = [], [], [], False
 
     def visit(source: fx.Node, ndim: int) -> bool:
+        nonlocal plain
         found = False
         for user in list(source.users):
+            if user.op == "call_module" and user.args == (source,) and \
+                    isinstance(select := gm.get_submodule(user.target), ChannelSelect) and not select.copy \
+                    and select.index.tolist() == list(layout.primary):
+                selects.append(user)
+                found = True
+                continue
             if user.op == "call_module" and user.args == (source,) and not user.kwargs:
                 module = gm.get_submodule(user.target)
                 width = _reads_channels(module, linked.dim, ndim)
@@ -223,12 +251,13 @@ def _split_readers(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation, 
             if expand is not None or _commutes(gm, user, source, linked.dim):
                 if visit(user, len(shape_of(user) or ())):
                     steps.append((user, expand))
+                    plain = plain or _is_max_pool(gm, user)
                     found = True
         return found
 
-    visit(node, ndim)
+    visit(node, len(shape_of(node) or ()))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(steps, key=lambda s: order[s[0]]), consumers
+    return Readers(sorted(steps, key=lambda s: order[s[0]]), consumers, selects, plain)
 
 
 def _lower_one(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation) -> int:
@@ -236,25 +265,31 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation) -> i
     the split) and primary selections of one linked activation; returns how many consumers
     now read the halves."""
     layout = _linked_layout(linked, _width_of(linked, node))
-    steps, consumers = _split_readers(gm, node, linked, layout)
-    selects = [u for u in node.users if u.op == "call_module" and u.args == (node,)
-               and isinstance(select := gm.get_submodule(u.target), ChannelSelect) and not select.copy]
-    if not consumers and not selects:
+    readers = _split_readers(gm, node, linked, layout)
+    if not readers.consumers and not readers.selects:
         return 0
     with gm.graph.inserting_before(node):
-        halves = _halves(gm, node, linked) if consumers else None
-        if halves is not None and halves.primary_scale == 1:
-            primary = halves.primary
-        else:  # the selection needs g(x) itself
-            primary = gm.graph.call_module(f"{node.target}.act", (node.args[0],))
-    read = {node: (halves.primary, halves.twin)} if halves else {}
-    for step, expand in steps:  # the same op on each half (a gate unexpanded), after the original
+        if readers.consumers:
+            halves = _halves(gm, node, linked, readers.plain)
+        else:  # only selections: the primary half alone
+            halves = Halves(gm.graph.call_module(f"{node.target}.act", (node.args[0],)), node)
+    read = {node: (halves.primary, halves.twin)}
+    for step, expand in readers.steps:  # the same op on each half (a gate unexpanded), after the original
         source = next(a for a in step.all_input_nodes if a in read)
         swap = {expand: expand.args[0]} if expand is not None else {}
         with gm.graph.inserting_after(step):
             read[step] = tuple(gm.graph.node_copy(step, lambda n, half=half: half if n is source else swap.get(n, n))
                                for half in read[source])
-    for user, module, layout in consumers:
+    own_act = None
+    for select in readers.selects:
+        if halves.primary_scale == 1:
+            select.replace_all_uses_with(read[select.args[0]][0])
+        elif select.args[0] is node:  # the primary half is scaled: the selection reads g(x) itself
+            if own_act is None:
+                with gm.graph.inserting_before(node):
+                    own_act = gm.graph.call_module(f"{node.target}.act", (node.args[0],))
+            select.replace_all_uses_with(own_act)
+    for user, module, layout in readers.consumers:
         primary_w, twin_w = read_columns(module, layout)
         if linked.subset:  # the twin half holds the kept channels only, in channel order
             twin_w = twin_w[:, [c for c, t in enumerate(layout.twin) if t >= 0]]
@@ -270,11 +305,7 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation) -> i
             total = gm.graph.call_function(operator.add, (reads_primary, reads_twin))
         user.replace_all_uses_with(total)
         gm.graph.erase_node(user)
-    for select in selects:
-        chosen = gm.get_submodule(select.target).index.tolist()
-        if chosen == list(layout.primary):
-            select.replace_all_uses_with(primary)
-    return len(consumers)
+    return len(readers.consumers)
 
 
 def _width_of(linked: LinkedActivation, node: fx.Node) -> int:
