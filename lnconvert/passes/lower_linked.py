@@ -202,6 +202,11 @@ def _commutes(gm: fx.GraphModule, user: fx.Node, source: fx.Node, dim: int) -> b
         if isinstance(module, nn.Flatten):
             return module.start_dim == dim == 1 and module.end_dim == -1 and _trailing_ones(source, dim)
         return isinstance(module, CHANNELWISE_MODULES)
+    if user.op in ("call_method", "call_function") and user.target in ("mean", torch.mean):  # mnasnet's pooling
+        dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else dims
+        return dims is not None and len(user.args) <= 3 and all(d > dim for d in dims) \
+            and set(user.kwargs) <= {"dim", "keepdim"}
     if user.op == "call_function" and user.target is torch.flatten:
         start = user.args[1] if len(user.args) > 1 else user.kwargs.get("start_dim", 0)
         return start == dim == 1 and len(user.args) <= 2 and _trailing_ones(source, dim)
