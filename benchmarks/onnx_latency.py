@@ -7,7 +7,8 @@ affects them alike), MACs (conversion report), their quotient (latency x / MACs 
 issue-19 target is <= 1.4 for depthwise nets and <= 1.15 for dense ones), and bytes (every
 op of the exported graph: inputs read + outputs written, weights included, float32, from
 ONNX shape inference at that batch size), plus the layout ops (Reshape, Transpose, Gather,
-Split, Slice, Concat) the converted export adds to the original's.
+Split, Slice, Concat) the converted export adds to the original's, and the 1-minute load
+average of the machine when the row finished.
 
     python benchmarks/onnx_latency.py [--runs 20] [--threads 1] [--size 224] [--models resnet18 ...]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -30,7 +32,7 @@ from lnconvert.compact import compact
 from lnconvert.export import describe_layout_ops, export_onnx, layout_ops
 from lnconvert.testing import randomize_batchnorm
 
-MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0", "regnet_y_400mf",
+MODELS = ["mobilenet_v2", "resnet18", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0", "regnet_y_400mf",
           "shufflenet_v2_x1_0", "timm/mobilenetv3_small_050", "timm/efficientnet_b0", "timm/ghostnet_050"]
 
 
@@ -56,7 +58,8 @@ def main() -> None:
     print(f"ORT {ort.__version__}, CPUExecutionProvider, {args.size}x{args.size}, median of {args.runs} interleaved "
           f"runs, intra-op threads: {args.threads or 'ORT default'}")
     print(f"{'model':28s} {'batch':>5s} {'orig ms':>8s} | {'conv lat x':>10s} {'MACs x':>6s} {'quot':>5s} "
-          f"{'bytes x':>7s} | {'compact lat x':>13s} {'MACs x':>6s} {'quot':>5s} {'bytes x':>7s} | layout ops added")
+          f"{'bytes x':>7s} | {'compact lat x':>13s} {'MACs x':>6s} {'quot':>5s} {'bytes x':>7s} | load "
+          f"| layout ops added")
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,8 +96,9 @@ def main() -> None:
                     latency = median[key] / median["original"]
                     cells.append(f"{latency:10.2f} {macs[key]:6.2f} {latency / macs[key]:5.2f} "
                                  f"{graph_bytes(paths[key], batch) / base_bytes:7.2f}")
-                print(f"{name:28s} {batch:5d} {median['original']:8.2f} | {cells[0]} | {cells[1]:>35s} | {added}",
-                      flush=True)
+                load = os.getloadavg()[0]  # 1-minute load average at the end of the row's runs
+                print(f"{name:28s} {batch:5d} {median['original']:8.2f} | {cells[0]} | {cells[1]:>35s} | {load:4.1f} "
+                      f"| {added}", flush=True)
 
 
 if __name__ == "__main__":

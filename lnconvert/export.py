@@ -80,6 +80,7 @@ def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Seque
                 raw = str(Path(raw_dir) / "model.onnx")
                 exporter = _export(model, args, raw, opset, dynamic_batch)
                 proto = onnx.load(raw)
+            fold_affine_into_hardsigmoid(proto)
             onnx.checker.check_model(proto, full_check=True)
             props["exporter"] = exporter
             del proto.metadata_props[:]
@@ -89,6 +90,60 @@ def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Seque
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
+
+
+_AFFINE = {"Add": lambda a, b, c: (a, b + c), "Sub": lambda a, b, c: (a, b - c),
+           "Mul": lambda a, b, c: (a * c, b * c), "Div": lambda a, b, c: (a / c, b / c)}
+
+
+def fold_affine_into_hardsigmoid(proto: Any) -> int:
+    """Fold scalar ``Mul``/``Add``/``Sub``/``Div``/``Neg`` nodes that feed only a ``HardSigmoid``
+    into its ``alpha``/``beta`` (``HardSigmoid(a x + b; alpha, beta) = HardSigmoid(x; alpha a,
+    alpha b + beta)``), in place; returns how many nodes were removed. PyTorch's hardsigmoid
+    has fixed slope and offset, so the lowering writes ``clamp(alpha x, 0, 1)`` as
+    ``hardsigmoid(6 alpha x - 3)``; folded, it is one op ONNX Runtime keeps in its blocked
+    layout, without the cancellation of the ``- 3``. Preserves the function up to float32
+    rounding of the folded coefficients."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    scalars = {i.name: float(numpy_helper.to_array(i).item()) for i in graph.initializer if int(np.prod(i.dims)) == 1}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value" \
+                and int(np.prod(node.attribute[0].t.dims)) == 1:
+            scalars[node.output[0]] = float(numpy_helper.to_array(node.attribute[0].t).item())
+    readers = Counter(name for node in graph.node for name in node.input)
+    readers.update(o.name for o in graph.output)
+    producer = {out: node for node in graph.node for out in node.output}
+    removed = []
+    for node in graph.node:
+        if node.op_type != "HardSigmoid":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+        while (prev := producer.get(node.input[0])) is not None and readers[prev.output[0]] == 1:
+            if prev.op_type == "Neg":
+                x, (alpha, beta) = prev.input[0], (-alpha, beta)
+            elif prev.op_type in _AFFINE and len(prev.input) == 2 and prev.input[1] in scalars:
+                x = prev.input[0]
+                scale, shift = _AFFINE[prev.op_type](1.0, 0.0, scalars[prev.input[1]])
+                alpha, beta = alpha * scale, alpha * shift + beta
+            elif prev.op_type in ("Add", "Mul") and len(prev.input) == 2 and prev.input[0] in scalars:
+                x = prev.input[1]
+                scale, shift = _AFFINE[prev.op_type](1.0, 0.0, scalars[prev.input[0]])
+                alpha, beta = alpha * scale, alpha * shift + beta
+            else:
+                break
+            node.input[0] = x
+            removed.append(prev)
+        del node.attribute[:]
+        node.attribute.extend([helper.make_attribute("alpha", alpha), helper.make_attribute("beta", beta)])
+    for node in removed:
+        graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for unused in [i for i in graph.initializer if i.name in scalars and i.name not in read]:
+        graph.initializer.remove(unused)
+    return len(removed)
 
 
 def _has_linked(model: nn.Module) -> bool:

@@ -1,9 +1,14 @@
 """Export-time lowering of linked activations (lnconvert.passes.lower_linked): exact for any
 twin weights, and the exported graph adds no layout op for conv/linear consumers."""
+import copy
+from collections import Counter
+
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import SqueezeExcitation
 
 import lnconvert
 from lnconvert.compact import compact
@@ -31,6 +36,41 @@ class DepthwiseBlock(nn.Module):
 
     def forward(self, x):
         return self.head(self.project(self.depthwise(self.expand(x))))
+
+
+class SqueezeExciteBlock(nn.Module):
+    """Expand -> depthwise -> squeeze-excitation (pool, fc, gate times the tensor) -> project,
+    then a pooled, flattened classifier: the linked tensors reach their convs and the
+    linear through pooling, a gate multiply and a flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.Hardswish())
+        self.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6())
+        self.excite = SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid)
+        self.project = nn.Sequential(nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.head(self.project(self.excite(self.depthwise(self.expand(x)))))
+
+
+class PooledStem(nn.Module):
+    """resnet's stem and a basic block: a linked activation read through a max pooling by a
+    conv and by the residual add (a ``slice`` boundary selects its primaries); mnasnet's
+    pooling by ``mean`` before the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.act = nn.ReLU()
+        self.classifier = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.classifier(self.act(self.body(x) + x).mean((2, 3)))
 
 
 def _train_twins(gm: nn.Module, seed: int = 1) -> None:
@@ -87,11 +127,76 @@ def test_exported_depthwise_net_adds_no_layout_op_and_matches_in_ort(tmp_path, a
     path = export_onnx(result, tmp_path / "m.onnx")
     assert not added_layout_ops(path, model, (x,)), describe_layout_ops(added_layout_ops(path, model, (x,)))
     assert layout_ops(path)["Concat"] == 0  # the unlowered export has one per linked activation
+    if act == "relu6":
+        _assert_every_clip_fuses_into_its_conv(path)
     sess = session(path)
     with torch.no_grad():
         expected = result.model.eval()(x)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - expected.numpy()).max() <= 1e-5 * max(1.0, float(expected.abs().max()))
+
+
+def _assert_every_clip_fuses_into_its_conv(path):
+    """ONNX Runtime keeps a Clip in its blocked layout only fused into the conv before it
+    (whose output it alone reads); elsewhere the lowering writes ReLU6 as HardSigmoids,
+    whose affine input the export folds into the op."""
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers = Counter(name for node in graph.node for name in node.input)
+    clips = [n for n in graph.node if n.op_type == "Clip"]
+    assert clips and all(producer[c.input[0]].op_type == "Conv" and readers[c.input[0]] == 1 for c in clips)
+    constants = {i.name for i in graph.initializer}
+    feeds = [producer.get(n.input[0]) for n in graph.node if n.op_type == "HardSigmoid"]
+    assert feeds and not any(f is not None and f.op_type in ("Add", "Mul", "Neg", "Sub", "Div")
+                             and (f.op_type == "Neg" or set(f.input) & constants) for f in feeds)
+
+
+def test_fold_affine_into_hardsigmoid_matches_the_unfolded_graph(tmp_path):
+    class Gates(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.hardsigmoid(-2.0 * x + 1.5) + torch.nn.functional.hardsigmoid(x / 4 - 3)
+
+    x = torch.linspace(-9, 9, 2 * 3 * 5 * 5).reshape(2, 3, 5, 5)
+    path = export_onnx(Gates(), tmp_path / "g.onnx", example_inputs=(x,))
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["HardSigmoid"] == 2 and not ops["Mul"] + ops["Div"] + ops["Sub"] + ops["Neg"]
+    sess = session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - Gates()(x).numpy()).max() <= 1e-6
+
+
+def test_squeeze_excitation_and_pooled_head_read_the_halves(tmp_path):
+    model, x = prepared(SqueezeExciteBlock(), shape=(2, 3, 8, 8))
+    result = lnconvert.convert(model, example_inputs=x)
+    _train_twins(result.model)
+    wide = copy.deepcopy(result.model).eval().double()
+    lowered, rewritten = lower_linked.run(wide, (x.double(),))
+    assert rewritten == 5  # depthwise, SE fc1 (through the pool), SE fc2, project (through the gate), classifier
+    with torch.no_grad():
+        expected, got = wide(x.double()), lowered(x.double())
+    assert (expected - got).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
+    path = export_onnx(result, tmp_path / "se.onnx")
+    # the flatten runs on each half (a Reshape is a view in ONNX Runtime); no Concat or Gather
+    assert added_layout_ops(path, model, (x,)) == Counter({"Reshape": 1})
+    sess = session(path)
+    with torch.no_grad():
+        reference = result.model.eval()(x)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - reference.numpy()).max() <= 1e-5 * max(1.0, float(reference.abs().max()))
+
+
+def test_max_pooled_halves_feed_the_conv_and_the_residual(tmp_path):
+    model, x = prepared(PooledStem(), shape=(2, 3, 8, 8))
+    result = lnconvert.convert(model, example_inputs=x, residual="slice")
+    _train_twins(result.model)
+    wide = copy.deepcopy(result.model).eval().double()
+    lowered, rewritten = lower_linked.run(wide, (x.double(),))
+    assert rewritten == 3  # body conv 1 (through the max pool), body conv 2, the linear
+    with torch.no_grad():
+        expected, got = wide(x.double()), lowered(x.double())
+    assert (expected - got).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
+    path = export_onnx(result, tmp_path / "stem.onnx")
+    assert not added_layout_ops(path, model, (x,)), describe_layout_ops(added_layout_ops(path, model, (x,)))
 
 
 def test_compacted_model_lowers_exactly(tmp_path):
@@ -109,7 +214,5 @@ def test_compacted_model_lowers_exactly(tmp_path):
 
 
 def test_describe_layout_ops_names_each_op():
-    from collections import Counter
-
     assert describe_layout_ops(Counter()) == "+0"
     assert describe_layout_ops(Counter({"Concat": 2, "Slice": 1})) == "+3 (Concat 2, Slice 1)"
