@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from . import __version__
 from .errors import LnConvertError, OutputError, ParityError, UsageError
-from .io import atomic_path, check_output_path
+from .files import atomic_path, check_output_path
 from .nn import LinkedActivation
 from .passes import lower_linked
 from .report import DEFAULT_TOLERANCE, OutputParity
@@ -229,7 +229,7 @@ def verify_onnx(path: str | Path, reference: nn.Module, *, data: Iterable[Any] |
     ``data_label[i]``); one row per output and input batch, checking output count, shapes
     and values (like optimum's ``validate_model_outputs``). ``inputs`` (labelled pairs) is
     deprecated: use ``data``."""
-    from .convert import renamed_argument
+    from .options import renamed_argument
 
     labelled = [(f"{data_label}[{i}]", (b,) if isinstance(b, torch.Tensor) else tuple(b))
                 for i, b in enumerate(data or ())]

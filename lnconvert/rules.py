@@ -219,7 +219,6 @@ def batchnorm_statistics(module: nn.Module) -> tuple[str, ...]:
 
 # --- absorbing consumers: every type in the layer registry (lnconvert.layers) -------------
 _ABSORB_RULE = Rule(Kind.ABSORB)
-CONV_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # dense convs (passes/lower_linked)
 
 # --- pass-through ------------------------------------------------------------------
 PAD_MODULES = (

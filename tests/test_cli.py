@@ -28,14 +28,21 @@ def test_convert_writes_model_and_report(tmp_path):
     assert "own (random) initialisation" in proc.stderr
 
 
-def test_default_output_name_and_no_overwrite(tmp_path):
-    assert run("squeezenet1_0", *SMALL, cwd=tmp_path).returncode == 0
+def in_process(*args):
+    """The same command in this process (typer's runner: exit code, stdout and stderr as in a shell,
+    without the 5-10 s start of a new Python process); one real process is tested above."""
+    return CliRunner().invoke(app, list(args))
+
+
+def test_default_output_name_and_no_overwrite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert in_process("squeezenet1_0", *SMALL).exit_code == 0
     target = tmp_path / "squeezenet1_0-linked.safetensors"
     stamp = target.stat().st_mtime_ns
-    proc = run("squeezenet1_0", *SMALL, cwd=tmp_path)
-    assert proc.returncode == 6 and "--force" in proc.stderr and target.stat().st_mtime_ns == stamp
-    assert run("squeezenet1_0", *SMALL, "--force", cwd=tmp_path).returncode == 0
-    assert run("squeezenet1_0", *SMALL, "--format", "pt2", cwd=tmp_path).returncode == 0
+    result = in_process("squeezenet1_0", *SMALL)
+    assert result.exit_code == 6 and "--force" in result.stderr and target.stat().st_mtime_ns == stamp
+    assert in_process("squeezenet1_0", *SMALL, "--force").exit_code == 0
+    assert in_process("squeezenet1_0", *SMALL, "--format", "pt2").exit_code == 0
     assert (tmp_path / "squeezenet1_0-linked.pt2").is_file()
 
 
@@ -53,11 +60,11 @@ def test_default_output_name_and_no_overwrite(tmp_path):
     (["resnet18", "-o", "/nonexistent-dir/x.safetensors"], 6, "does not exist"),
 ])
 def test_bad_input_gives_one_line_and_exit_code(args, code, message):
-    proc = run(*args)
-    assert proc.returncode == code, proc.stderr
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    result = in_process(*args)
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1
 
 

@@ -26,11 +26,13 @@ from lnconvert.nn import (
 )
 
 from .conftest import prepared
+from .helpers import TINY, tiny_net
 
-# dense, depthwise with SE and hardswish, SiLU with SE, timm by default; the rest in the slow stage
-MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "timm/mobilenetv3_small_050",
-          *(pytest.param(name, marks=pytest.mark.slow)
-            for name in ("densenet121", "shufflenet_v2_x0_5", "timm/resnet18d"))]
+# dense by default; depthwise with SE and hardswish, SiLU with SE, timm and the rest in the slow stage
+MODELS = ["resnet18",  # depthwise, SE and hardswish lowering: small nets in tests/passes/test_lower_linked.py
+          *(pytest.param(name, marks=pytest.mark.slow)  # 10-20 s each: the slow stage
+            for name in ("mobilenet_v3_small", "efficientnet_b0", "timm/mobilenetv3_small_050", "densenet121",
+                         "shufflenet_v2_x0_5", "timm/resnet18d"))]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -103,7 +105,7 @@ def test_each_inserted_module_exports_to_plain_onnx(tmp_path, kind):
 
 
 def test_verify_onnx_catches_a_broken_export(tmp_path):
-    model, x = prepared(lnconvert.load_model("resnet18"))
+    model, x = prepared(tiny_net(), shape=(2, 3, 16, 16))  # a small net: the check, not the model, is tested
     weights = tmp_path / "original.pth"
     torch.save(model.state_dict(), weights)
     result = lnconvert.convert(model, example_inputs=x)
@@ -116,7 +118,7 @@ def test_verify_onnx_catches_a_broken_export(tmp_path):
     onnx.save(proto, broken)
 
     def run(path):  # in-process: exit codes and streams as in a shell
-        return CliRunner().invoke(app, ["verify-onnx", str(path), "--reference", "resnet18", "--weights", str(weights)])
+        return CliRunner().invoke(app, ["verify-onnx", str(path), "--reference", TINY, "--weights", str(weights)])
 
     assert run(good).exit_code == 0
     result = run(broken)

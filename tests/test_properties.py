@@ -29,7 +29,7 @@ from lnconvert.nn import LinkedActivation
 from .helpers import state_copy
 from .random_nets import INPUT_SHAPE, build, networks
 
-CI_EXAMPLES = 100
+CI_EXAMPLES = 60  # the slow stage's profile runs 1000
 settings.register_profile("ci", max_examples=CI_EXAMPLES, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("slow", parent=settings.get_profile("ci"), max_examples=1000, derandomize=False)

@@ -2,8 +2,6 @@
 ImageFolder data, and one-line errors with exit codes."""
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -168,6 +166,7 @@ def test_depth_recipe_reduced(tmp_path):
     assert (tmp_path / "depth.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # 21 s: spawns worker processes; the reduced depth recipe itself runs by default
 def test_depth_recipe_parallel_jobs_match_one_process_and_the_time_limit_records_what_did_not_run(tmp_path):
     overrides = [*REDUCED_DEPTH, "model.depth=1", "variants=[selu, linked_relu]", "seeds=[3, 4]"]
     serial = run_recipe(RECIPES / "depth50-digits.yaml", out=tmp_path / "serial", console=QUIET, overrides=overrides)
@@ -195,6 +194,7 @@ def _image_folder(root: Path, classes=("cat", "dog"), per_class=10):
             Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
+@pytest.mark.slow  # 16 s: trains through an ImageFolder; the digits pipeline runs by default
 def test_imagefolder_recipe_with_a_new_head(tmp_path):
     _image_folder(tmp_path / "images")
     metrics = run_recipe(RECIPES / "imagefolder-finetune.yaml", out=tmp_path / "run", data=str(tmp_path / "images"),
@@ -230,7 +230,7 @@ def test_bad_recipe_input_exits_2_with_one_line(tmp_path, args, message):
     assert len([line for line in result.output.splitlines() if line.startswith("error")]) == 1
 
 
-def test_recipe_cli_subprocess_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lnconvert.cli", "recipe", "run", str(tmp_path / "none.yaml")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: recipe not found")
+def test_recipe_cli_exit_code(tmp_path):
+    # in-process (typer's runner); real processes are tested in test_bad_inputs and test_distributed
+    result = CliRunner().invoke(app, ["recipe", "run", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: recipe not found")

@@ -1,14 +1,13 @@
 """Model sources beyond zoo names: ``module:callable`` import paths (CLI, saved specs), timm hub
 names and pretrained tags, and clear refusals for sources that cannot be built."""
-import subprocess
-import sys
-
 import pytest
 import timm
 import torch
+from typer.testing import CliRunner
 
 import lnconvert
 from lnconvert import io
+from lnconvert.cli import app
 from lnconvert.errors import ModelSourceError
 from lnconvert.io import load_model
 from lnconvert.models import resolve
@@ -22,9 +21,8 @@ def test_import_path_source_converts_saves_and_reloads_by_name(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save(model.state_dict(), weights)
     target = tmp_path / "tiny-linked.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "lnconvert.cli", TINY, "--weights", str(weights), "--input-size",
-                           "3,16,16", "-o", str(target)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    result = CliRunner().invoke(app, [TINY, "--weights", str(weights), "--input-size", "3,16,16", "-o", str(target)])
+    assert result.exit_code == 0, result.stderr
     assert io.read_spec(target)["source"] == TINY
     with pytest.raises(ModelSourceError, match="trust"):  # the file names code to import: refused by default
         load_model(str(target))

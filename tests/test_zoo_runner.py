@@ -75,6 +75,7 @@ def test_resume_skips_done_rows_and_rerun_replaces_them(subset_run):
     assert by_name["torchvision/resnet18"]["convert_seconds"] == "999"
 
 
+@pytest.mark.slow  # 20 s: an ONNX export per model in a child process; ORT parity itself is tested in test_onnx
 def test_onnx_column_is_ort_parity(tmp_path):
     rows = run_zoo(["timm/test_resnet"], ZooOptions(onnx=True, timeout=240), out=tmp_path / "onnx")
     assert rows[0]["status"] == "exact", rows[0]["reason"]

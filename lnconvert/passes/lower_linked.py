@@ -30,10 +30,12 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from ..analysis import insert_module_after, propagate_shapes, shape_of
+from ..analysis import propagate_shapes, shape_of
+from ..layers import TWIN_BUFFER, layer_spec
 from ..layout import Layout
 from ..nn import ChannelExpand, ChannelSelect, LinkedActivation
-from ..rules import ACTIVATION_MODULES, CONV_MODULES
+from ..rewrite import insert_module_after
+from ..rules import ACTIVATION_MODULES
 from .widen import read_columns
 
 
@@ -48,9 +50,11 @@ def _linked_layout(linked: LinkedActivation, width: int) -> Layout:
 def _reads_channels(module: nn.Module, dim: int, ndim: int) -> int | None:
     """The input width of a conv or linear that reads the channel axis ``dim`` of an
     ``ndim``-d tensor; None for anything else (kept on the concatenated tensor)."""
-    if isinstance(module, nn.Linear) and dim == ndim - 1:
+    spec = layer_spec(module)
+    family = spec.family if spec is not None else None
+    if family == "linear" and dim == ndim - 1:
         return module.in_features
-    if isinstance(module, tuple(CONV_MODULES)) and dim == 1 and isinstance(module.weight, nn.Parameter):
+    if family == "conv" and dim == 1 and isinstance(module.weight, nn.Parameter):
         return module.in_channels
     return None
 
@@ -61,8 +65,8 @@ def _narrowed(module: nn.Module, weight: torch.Tensor, keep_bias: bool) -> nn.Mo
     new.weight = nn.Parameter(weight.clone(), requires_grad=False)
     if not keep_bias and getattr(new, "bias", None) is not None:
         new.register_parameter("bias", None)
-    new._buffers.pop("lnc_twin_channels", None)  # it described the wide weight
-    if isinstance(new, nn.Linear):
+    new._buffers.pop(TWIN_BUFFER, None)  # it described the wide weight
+    if layer_spec(new).family == "linear":
         new.in_features = weight.shape[1]
     else:
         new.in_channels = weight.shape[1] * new.groups
@@ -104,8 +108,10 @@ class Halves:
 def _fuses_into_producer(source: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether ONNX Runtime fuses an activation into ``source``'s producer: a conv whose
     output has no other reader (a sum of convs, or a shared output, leaves it standalone)."""
-    return (source.op == "call_module" and isinstance(gm.get_submodule(source.target), tuple(CONV_MODULES))
-            and len(source.users) == 1)
+    if source.op != "call_module" or len(source.users) != 1:
+        return False
+    spec = layer_spec(gm.get_submodule(source.target))
+    return spec is not None and spec.family == "conv"
 
 
 def _hardsigmoid(graph: fx.Graph, x: fx.Node, alpha: float) -> fx.Node:

@@ -60,13 +60,10 @@ def _run_size(name: str, model, options: ZooOptions) -> tuple[int, int]:
 
 
 def _count_batchnorm(model) -> int:
-    import torch
-
     from ..convert import remaining_batchnorm
-    from ..rules import is_frozen_batchnorm
+    from ..rules import is_batchnorm_like
 
-    modules = {n for n, m in model.named_modules()
-               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or is_frozen_batchnorm(m)}
+    modules = {n for n, m in model.named_modules() if is_batchnorm_like(m)}
     functional = set(remaining_batchnorm(model)) if hasattr(model, "graph") else set()
     return len(modules | functional)
 
@@ -118,7 +115,7 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
     from ..errors import ParityError, TraceError
     from ..models import load_model
     from ..tasks import task_of
-    from ..testing import randomize_batchnorm
+    from ..testing import randomize_batchnorm  # public helper: the zoo has no trained weights
     torch.set_num_threads(options.threads)
     row: dict[str, Any] = {"model": name, "library": name.partition("/")[0], "status": "failed"}
     x = None  # the image batch of a classification row (task rows make their own inputs)
@@ -209,7 +206,7 @@ def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]
     whole model's outputs compared (detections before NMS and, as sets, after it)."""
     from ..convert import convert
     from ..tasks import task_of
-    from ..testing import randomize_batchnorm
+    from ..testing import randomize_batchnorm  # public helper: the zoo has no trained weights
     from ..trace import default_example_inputs
 
     task = task_of(model)

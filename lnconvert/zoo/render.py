@@ -25,7 +25,7 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    from ..io import atomic_path
+    from ..files import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")

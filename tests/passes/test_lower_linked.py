@@ -16,7 +16,7 @@ from lnconvert.export import added_layout_ops, describe_layout_ops, export_onnx,
 from lnconvert.nn import LinkedActivation
 from lnconvert.passes import lower_linked
 
-from .conftest import prepared
+from ..conftest import prepared
 
 ACTIVATIONS = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU,
