@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lnconvert import ConversionResult
 
 
 def train_step_parser(doc: str, steps: int) -> argparse.ArgumentParser:
@@ -21,3 +25,16 @@ def set_up(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+
+
+def converted_zoo_model(name: str, size: int) -> tuple[torch.nn.Module, torch.Tensor, ConversionResult]:
+    """``name`` with randomised BN statistics (seed 0), an input batch of 2 at ``size``, and its
+    default conversion: the same model for every ONNX benchmark."""
+    import lnconvert
+    from lnconvert.testing import randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = lnconvert.load_model(name)
+    randomize_batchnorm(model, torch.randn(4, 3, size, size))
+    x = torch.randn(2, 3, size, size)
+    return model, x, lnconvert.convert(model, example_inputs=x)

@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
+from common import converted_zoo_model
 
-import lnconvert
 from lnconvert.compact import compact
 from lnconvert.export import describe_layout_ops, export_onnx, layout_ops
-from lnconvert.testing import randomize_batchnorm
 
 MODELS = ["mobilenet_v2", "resnet18", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0", "regnet_y_400mf",
           "shufflenet_v2_x1_0", "timm/mobilenetv3_small_050", "timm/efficientnet_b0", "timm/ghostnet_050"]
@@ -64,11 +62,7 @@ def main() -> None:
     options.intra_op_num_threads = args.threads
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            torch.manual_seed(0)
-            model = lnconvert.load_model(name)
-            randomize_batchnorm(model, torch.randn(4, 3, args.size, args.size))
-            x = torch.randn(2, 3, args.size, args.size)
-            result = lnconvert.convert(model, example_inputs=x)
+            model, x, result = converted_zoo_model(name, args.size)
             small = compact(result)
             stem = Path(tmp) / name.replace("/", "_")
             paths = {"original": export_onnx(model, f"{stem}-orig.onnx", example_inputs=(x,)),

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
+from common import converted_zoo_model
 
-import lnconvert
 from lnconvert.export import export_onnx
-from lnconvert.testing import randomize_batchnorm
 
 
 def op_times(trace: Path, runs: int) -> tuple[dict[str, float], Counter]:
@@ -47,11 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            torch.manual_seed(0)
-            model = lnconvert.load_model(name)
-            randomize_batchnorm(model, torch.randn(4, 3, args.size, args.size))
-            x = torch.randn(2, 3, args.size, args.size)
-            result = lnconvert.convert(model, example_inputs=x)
+            model, x, result = converted_zoo_model(name, args.size)
             stem = Path(tmp) / name.replace("/", "_")
             paths = {"original": export_onnx(model, f"{stem}-orig.onnx", example_inputs=(x,)),
                      "converted": export_onnx(result, f"{stem}-linked.onnx")}
