@@ -17,7 +17,6 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .layers import layer_spec
 from .layout import Layout
 from .nn import LinkedActivation
-from .rewrite import insert_module_after, own_module  # noqa: F401  (old import path: passes/lower_linked)
 from .rules import ACTIVATION_MODULES, layer_type
 
 
@@ -27,7 +26,27 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     ShapeProp prints a traceback of its own on failure; the caller turns the exception
     into a one-line error instead, so that print is swallowed."""
     with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        ShapeProp(gm).propagate(*example_inputs)
+        _PlainListShapeProp(gm).propagate(*example_inputs)
+
+
+class _PlainListShapeProp(ShapeProp):
+    """ShapeProp handing plain lists to the functions it calls. fx's interpreter passes list
+    arguments as its ``immutable_list``, and a wrapped function that writes into one (torchvision's
+    swin3d ``_get_window_and_shift_size``) fails there although the GraphModule itself runs."""
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_function(target, _plain(args), _plain(kwargs))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every list (fx's immutable ones included) copied into a plain list."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if type(value) is tuple:  # named tuples keep their type and fields
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def shape_of(node: Any) -> tuple[int, ...] | None:
