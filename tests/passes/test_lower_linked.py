@@ -96,17 +96,31 @@ CASES = [pytest.param(a, p, marks=() if (a, p) in DEFAULT else pytest.mark.slow)
          for a in sorted(ACTIVATIONS) for p in ("mirror", "minmax")]
 
 
-@pytest.mark.parametrize("act,policy", CASES)
-def test_lowering_is_exact_for_trained_twins(act, policy):
-    _, result, x = _converted(act, policy)
-    wide = result.model.eval().double()
+def _lowered_exactly(wide: nn.Module, x: torch.Tensor):
+    """``wide`` lowered on ``x`` in float64, checked to compute what ``wide`` does (1e-10 relative);
+    the lowered module and the number of consumers rewritten."""
     lowered, rewritten = lower_linked.run(wide, (x.double(),))
-    assert rewritten == 3  # the depthwise conv, the project conv, the last linear
-    calls = [lowered.get_submodule(n.target) for n in lowered.graph.nodes if n.op == "call_module"]
-    assert not any(isinstance(m, LinkedActivation) for m in calls)  # no concatenated tensor left
     with torch.no_grad():
         expected, got = wide(x.double()), lowered(x.double())
     assert (expected - got).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
+    return lowered, rewritten
+
+
+def _assert_ort_matches(path, expected: torch.Tensor, x: torch.Tensor, rel: float = 1e-5) -> None:
+    """ONNX Runtime's output of ``path`` on ``x`` is within ``rel`` of ``expected`` (relative to its
+    largest magnitude, at least 1)."""
+    sess = session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - expected.numpy()).max() <= rel * max(1.0, float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("act,policy", CASES)
+def test_lowering_is_exact_for_trained_twins(act, policy):
+    _, result, x = _converted(act, policy)
+    lowered, rewritten = _lowered_exactly(result.model.eval().double(), x)
+    assert rewritten == 3  # the depthwise conv, the project conv, the last linear
+    calls = [lowered.get_submodule(n.target) for n in lowered.graph.nodes if n.op == "call_module"]
+    assert not any(isinstance(m, LinkedActivation) for m in calls)  # no concatenated tensor left
     assert any(m.lnc_twin_channels.numel() for m in result.model.modules() if hasattr(m, "lnc_twin_channels"))
 
 
@@ -129,11 +143,8 @@ def test_exported_depthwise_net_adds_no_layout_op_and_matches_in_ort(tmp_path, a
     assert layout_ops(path)["Concat"] == 0  # the unlowered export has one per linked activation
     if act == "relu6":
         _assert_every_clip_fuses_into_its_conv(path)
-    sess = session(path)
     with torch.no_grad():
-        expected = result.model.eval()(x)
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(got - expected.numpy()).max() <= 1e-5 * max(1.0, float(expected.abs().max()))
+        _assert_ort_matches(path, result.model.eval()(x), x)
 
 
 def _assert_every_clip_fuses_into_its_conv(path):
@@ -169,32 +180,21 @@ def test_squeeze_excitation_and_pooled_head_read_the_halves(tmp_path):
     model, x = prepared(SqueezeExciteBlock(), shape=(2, 3, 8, 8))
     result = lnconvert.convert(model, example_inputs=x)
     _train_twins(result.model)
-    wide = copy.deepcopy(result.model).eval().double()
-    lowered, rewritten = lower_linked.run(wide, (x.double(),))
+    _, rewritten = _lowered_exactly(copy.deepcopy(result.model).eval().double(), x)
     assert rewritten == 5  # depthwise, SE fc1 (through the pool), SE fc2, project (through the gate), classifier
-    with torch.no_grad():
-        expected, got = wide(x.double()), lowered(x.double())
-    assert (expected - got).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
     path = export_onnx(result, tmp_path / "se.onnx")
     # the flatten runs on each half (a Reshape is a view in ONNX Runtime); no Concat or Gather
     assert added_layout_ops(path, model, (x,)) == Counter({"Reshape": 1})
-    sess = session(path)
     with torch.no_grad():
-        reference = result.model.eval()(x)
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(got - reference.numpy()).max() <= 1e-5 * max(1.0, float(reference.abs().max()))
+        _assert_ort_matches(path, result.model.eval()(x), x)
 
 
 def test_max_pooled_halves_feed_the_conv_and_the_residual(tmp_path):
     model, x = prepared(PooledStem(), shape=(2, 3, 8, 8))
     result = lnconvert.convert(model, example_inputs=x, residual="slice")
     _train_twins(result.model)
-    wide = copy.deepcopy(result.model).eval().double()
-    lowered, rewritten = lower_linked.run(wide, (x.double(),))
+    _, rewritten = _lowered_exactly(copy.deepcopy(result.model).eval().double(), x)
     assert rewritten == 3  # body conv 1 (through the max pool), body conv 2, the linear
-    with torch.no_grad():
-        expected, got = wide(x.double()), lowered(x.double())
-    assert (expected - got).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
     path = export_onnx(result, tmp_path / "stem.onnx")
     assert not added_layout_ops(path, model, (x,)), describe_layout_ops(added_layout_ops(path, model, (x,)))
 
@@ -205,12 +205,8 @@ def test_compacted_model_lowers_exactly(tmp_path):
     _train_twins(result.model)  # trained twins survive the exact stage; the budget keeps some of them
     small = compact(result, target_macs="1.5x")
     assert any(getattr(m, "subset", False) for m in small.model.modules())
-    wide = small.model.eval().double()
-    lowered, rewritten = lower_linked.run(wide, (x.double(),))
+    _, rewritten = _lowered_exactly(small.model.eval().double(), x)
     assert rewritten >= 1
-    with torch.no_grad():
-        expected, got = wide(x.double()), lowered(x.double())
-    assert (expected - got).abs().max() <= 1e-10 * max(1.0, float(expected.abs().max()))
 
 
 def test_describe_layout_ops_names_each_op():
