@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from lnconvert.recipes import depth as depth_recipe
+from lnconvert.recipes import load_recipe
 from lnconvert.recipes import transfer as transfer_recipe
 from lnconvert.recipes.output import plot_depth, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEPTH_ORDER = ["relu", "prelu", "silu", "linked_relu", "linked_selu", "selu", "relu_bn", "normprop",
-               "deep_control", "lcw_sigmoid"]
+DEPTH_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "depth50-digits.yaml"
 
 
 def _sources(metrics: dict[str, Any], path: Path) -> list[dict[str, Any]]:
@@ -50,16 +50,17 @@ def merge_depth(paths: list[Path]) -> dict[str, Any]:
             sys.exit(f"{path}: (variant, seed) {twice[0]} is already in an earlier file; merge disjoint runs only")
         runs += metrics["runs"]
         sources += _sources(metrics, path)
-    order = {v: i for i, v in enumerate(DEPTH_ORDER)}
+    planned = load_recipe(DEPTH_RECIPE, [])["variants"]  # the shipped recipe's variants, in its order
+    order = {v: i for i, v in enumerate(planned)}
     runs.sort(key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
     variants = list(dict.fromkeys(r["variant"] for r in runs))
-    planned = set(DEPTH_ORDER) - set(variants)
+    missing = [v for v in planned if v not in variants]
     return {"recipe": first["recipe"], "data": first["data"], "split_seed": first["split_seed"],
             "seeds": sorted({r["seed"] for r in runs}), "trains_threshold": first["trains_threshold"],
             "summary": depth_recipe.summarise(runs, variants), "runs": runs, "sources": sources,
-            "complete": not planned and all(len({r["seed"] for r in runs if r["variant"] == v}) >= 5
+            "complete": not missing and all(len({r["seed"] for r in runs if r["variant"] == v}) >= 5
                                             for v in variants),
-            "not_run": sorted(planned)}
+            "not_run": sorted(missing)}
 
 
 def depth_markdown(metrics: dict[str, Any]) -> str:
