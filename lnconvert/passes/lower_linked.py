@@ -17,6 +17,9 @@ after a conv, ``c = clamp(x, -hi, hi)`` (fused into the conv), primary ``relu(c)
 ``hi * clamp(x / hi, 0, 1)`` and ``hi * clamp(-x / hi, 0, 1)`` as two ``HardSigmoid``s, the
 ``hi`` moving into the consumers' weights.
 
+A pooled classifier ``linear(flatten(pool(h)))`` reads the halves as two 1x1 convs summed
+before one flatten, so the export has the original's single ``Reshape``, not one per half.
+
 This is applied to the copy that is exported (:func:`lnconvert.export.export_onnx`); the
 converted PyTorch model keeps its linked layout and trainable twin weights.
 """
@@ -271,12 +274,68 @@ def _split_readers(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation, 
     return Readers(sorted(steps, key=lambda s: order[s[0]]), consumers, selects, plain)
 
 
-def _lower_one(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation) -> int:
+def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A flatten from the channel axis on (the only kind a reader's walk passes, see _commutes)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Flatten)
+    return node.op == "call_function" and node.target is torch.flatten
+
+
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _as_pointwise_conv(linear: nn.Module, spatial: int) -> nn.Module:
+    """The 1x1 convolution computing ``linear`` on a tensor whose ``spatial`` trailing dims are 1."""
+    out_features, in_features = linear.weight.shape
+    conv = CONVS[spatial](in_features, out_features, 1, bias=linear.bias is not None)
+    conv.to(linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.detach().reshape(out_features, in_features, *[1] * spatial))
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias.detach())
+    return conv.requires_grad_(False)
+
+
+def _flatten_after_linear(gm: fx.GraphModule, readers: Readers) -> bool:
+    """Rewrite ``linear(f(flatten(x)))`` among the readers (a pooled classifier head: ``x`` has
+    trailing ones, ``f`` zero or more channelwise steps) as ``flatten(conv1x1(f(x)))``, so the
+    split halves are summed before one flatten, as the original's export has one Reshape, not
+    one per half. Preserves every output (the same products and sums). Returns whether it
+    rewrote any; the steps between then hold the unflattened shape (shapes must be refreshed)."""
+    consumers = {user: module for user, module, _ in readers.consumers}
+    steps = {step for step, expand in readers.steps if expand is None}
+    rewrote = False
+    for flatten in [step for step in steps if _is_flatten(gm, step)]:
+        chain, tail = [], flatten
+        while len(tail.users) == 1 and (reader := next(iter(tail.users))) in steps:
+            chain.append(reader)
+            tail = reader
+        if len(tail.users) != 1 or (linear := next(iter(tail.users))) not in consumers \
+                or layer_spec(consumers[linear]).family != "linear":
+            continue
+        spatial = len(shape_of(flatten.args[0])) - 2
+        conv = insert_module_after(gm, linear, _as_pointwise_conv(consumers[linear], spatial), f"{linear.target}_conv",
+                                   (tail,))
+        with gm.graph.inserting_after(conv):
+            flat = gm.graph.call_function(torch.flatten, (conv, 1))
+        linear.replace_all_uses_with(flat)
+        gm.graph.erase_node(linear)
+        flatten.replace_all_uses_with(flatten.args[0])
+        gm.graph.erase_node(flatten)
+        rewrote = True
+    return rewrote
+
+
+def _lower_one(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation,
+               example_inputs: tuple[torch.Tensor, ...]) -> int:
     """Rewrite the conv/linear consumers (reached directly or through ops that commute with
     the split) and primary selections of one linked activation; returns how many consumers
     now read the halves."""
     layout = _linked_layout(linked, _width_of(linked, node))
     readers = _split_readers(gm, node, linked, layout)
+    if _flatten_after_linear(gm, readers):
+        propagate_shapes(gm, example_inputs)
+        readers = _split_readers(gm, node, linked, layout)
     if not readers.consumers and not readers.selects:
         return 0
     with gm.graph.inserting_before(node):
@@ -337,7 +396,7 @@ def run(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> tuple[f
     count = 0
     for node in list(lowered.graph.nodes):
         if node.op == "call_module" and isinstance(lowered.get_submodule(node.target), LinkedActivation):
-            count += _lower_one(lowered, node, lowered.get_submodule(node.target))
+            count += _lower_one(lowered, node, lowered.get_submodule(node.target), example_inputs)
     lowered.graph.eliminate_dead_code()
     lowered.delete_all_unused_submodules()
     lowered.recompile()
