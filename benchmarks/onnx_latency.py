@@ -28,7 +28,7 @@ import onnxruntime as ort
 from common import converted_zoo_model
 
 from lnconvert.compact import compact
-from lnconvert.export import describe_layout_ops, export_onnx, layout_ops
+from lnconvert.export import describe_layout_ops, export_onnx, layout_ops, layout_ops_why
 
 MODELS = ["mobilenet_v2", "resnet18", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0", "regnet_y_400mf",
           "shufflenet_v2_x1_0", "timm/mobilenetv3_small_050", "timm/efficientnet_b0", "timm/ghostnet_050"]
@@ -72,7 +72,10 @@ def main() -> None:
                         for k, p in paths.items()}
             macs = {"converted": result.report.macs_after / result.report.macs_before,
                     "compacted": small.report.macs_after / small.report.macs_original}
-            added = describe_layout_ops(layout_ops(paths["converted"]) - layout_ops(paths["original"]))
+            before, after = layout_ops(paths["original"]), layout_ops(paths["converted"])
+            added = describe_layout_ops(after - before, layout_ops_why(paths["converted"]))
+            if before - after:  # e.g. a channel shuffle exported as gathers instead of reshapes
+                added += f"; in all {sum(after.values())} vs the original's {sum(before.values())}"
             for batch in args.batches:
                 feed = np.random.default_rng(0).standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
                 times = {k: [] for k in sessions}

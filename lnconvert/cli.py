@@ -276,13 +276,13 @@ def print_layout_ops(path: Path, reference, sample_shape) -> None:
     beyond the reference's own export."""
     import torch
 
-    from .export import added_layout_ops, describe_layout_ops, input_shape, session
+    from .export import added_layout_ops, describe_layout_ops, input_shape, layout_ops_why, session
 
     shape = tuple(sample_shape) if sample_shape else input_shape(session(path))
     if shape is None:
         return
     added = added_layout_ops(path, reference, (torch.randn(1, *shape),))
-    out.print(f"layout ops added vs the original's export: {describe_layout_ops(added)}")
+    out.print(f"layout ops added vs the original's export: {describe_layout_ops(added, layout_ops_why(path))}")
 
 
 @app.command("verify-onnx", no_args_is_help=True)

@@ -74,6 +74,7 @@ def export_onnx(model_or_result: Any, path: str | Path, *, example_inputs: Seque
         with atomic_path(path) as tmp, eval_mode(model), torch.no_grad():
             if lower and _has_linked(model):
                 model, props["lowered_consumers"] = lower_linked.run(model, args)
+                props[KEPT_KEY] = json.dumps(lower_linked.kept_whole(model))
             # the raw export goes to a private folder: the exporter may write its weights to a
             # side file (external data) that must not be left beside the user's output
             with tempfile.TemporaryDirectory(prefix="lnconvert-export-") as raw_dir:
@@ -284,11 +285,29 @@ def added_layout_ops(path: str | Path, reference: nn.Module, example_inputs: Seq
     return layout_ops(path) - base
 
 
-def describe_layout_ops(added: Counter) -> str:
-    """``"+0"`` or ``"+3 (Concat 2, Slice 1)"``: the layout ops an export added."""
+# the file's metadata entry naming the lnconvert modules its export kept (why it moves channels)
+KEPT_KEY = "layout_ops_why"
+
+
+def layout_ops_why(path: str | Path) -> Counter:
+    """What :func:`lnconvert.passes.lower_linked.kept_whole` recorded in the file at ``path`` at
+    export: the lnconvert modules left in the exported graph, by reason (empty for a file
+    exported without lowering or by another tool)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return Counter(json.loads(props.get(KEPT_KEY, "{}")))
+
+
+def describe_layout_ops(added: Counter, why: Counter | None = None) -> str:
+    """``"+0"`` or ``"+3 (Concat 2, Slice 1)"``: the layout ops an export added, followed by
+    ``why`` (see :func:`layout_ops_why`), e.g. ``"; kept: 2 linked activation read by cat"``."""
     if not added:
         return "+0"
-    return f"+{sum(added.values())} ({', '.join(f'{op} {n}' for op, n in added.most_common())})"
+    text = f"+{sum(added.values())} ({', '.join(f'{op} {n}' for op, n in added.most_common())})"
+    if why:
+        text += "; kept: " + ", ".join(f"{n} {reason}" for reason, n in why.most_common())
+    return text
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -381,6 +382,32 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation,
 def _width_of(linked: LinkedActivation, node: fx.Node) -> int:
     shape = shape_of(node)
     return shape[linked.dim] if shape else -1
+
+
+def kept_whole(gm: fx.GraphModule) -> Counter:
+    """Why the lowered ``gm`` still moves channels: each lnconvert module left in its graph with
+    what reads it, e.g. ``{"linked activation read by cat": 19, "channel selection": 28}``. A
+    linked activation exports a ``Concat`` of its halves (plus two ``Reshape``s when laid out
+    per group), a selection or expansion a ``Gather`` (a ``Slice`` for a contiguous range)."""
+    kept = Counter()
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, LinkedActivation):
+            readers = sorted({_op_name(gm, user) for user in node.users})
+            kept[f"linked activation read by {' / '.join(readers)}"] += 1
+        elif isinstance(module, ChannelSelect):
+            kept["channel selection (a chunk, split or slice boundary of a linked tensor)"] += 1
+        elif isinstance(module, ChannelExpand):
+            kept["channel expansion (a per-channel tensor repeated into the linked layout)"] += 1
+    return kept
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def run(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, int]:

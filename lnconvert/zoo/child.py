@@ -88,12 +88,12 @@ def _report_columns(report) -> dict[str, Any]:
 def _onnx_max_rel(result, original) -> tuple[float, bool, str]:
     """ORT's worst relative error, whether every output passed, and the layout ops the export
     added to the original's (``+0`` or ``+3 (Concat 2, Slice 1)``)."""
-    from ..export import added_layout_ops, describe_layout_ops, export_onnx, verify_onnx
+    from ..export import added_layout_ops, describe_layout_ops, export_onnx, layout_ops_why, verify_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(result, Path(tmp) / "model.onnx")
         rows = verify_onnx(path, original, sample_shape=result.example_inputs[0].shape[1:])
-        added = describe_layout_ops(added_layout_ops(path, original, result.example_inputs))
+        added = describe_layout_ops(added_layout_ops(path, original, result.example_inputs), layout_ops_why(path))
     return max(r.max_rel for r in rows), all(r.ok for r in rows), added
 
 

@@ -12,7 +12,7 @@ from torchvision.ops import SqueezeExcitation
 
 import lnconvert
 from lnconvert.compact import compact
-from lnconvert.export import added_layout_ops, describe_layout_ops, export_onnx, layout_ops, session
+from lnconvert.export import added_layout_ops, describe_layout_ops, export_onnx, layout_ops, layout_ops_why, session
 from lnconvert.nn import LinkedActivation
 from lnconvert.passes import lower_linked
 
@@ -213,3 +213,43 @@ def test_compacted_model_lowers_exactly(tmp_path):
 def test_describe_layout_ops_names_each_op():
     assert describe_layout_ops(Counter()) == "+0"
     assert describe_layout_ops(Counter({"Concat": 2, "Slice": 1})) == "+3 (Concat 2, Slice 1)"
+
+
+class ShuffleBlock(nn.Module):
+    """shufflenet_v2's unit: half the channels pass, the other half go through a branch ending
+    in a ReLU, then concat, channel shuffle and chunk, and a conv reads one piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        from torchvision.models.shufflenetv2 import channel_shuffle
+
+        kept, branched = self.stem(x).chunk(2, dim=1)
+        mixed = channel_shuffle(torch.cat((kept, self.branch(branched)), dim=1), 2)
+        return self.head(mixed.chunk(2, dim=1)[1])
+
+
+def test_layout_ops_of_a_channel_shuffle_are_named(tmp_path):
+    """A linked tensor through concat + shuffle + chunk is exported with a Concat of its halves
+    and a Gather per piece (not split per half): the report names both."""
+    model, x = prepared(ShuffleBlock(), shape=(2, 3, 8, 8))
+    result = lnconvert.convert(model, example_inputs=x)
+    _train_twins(result.model)
+    path = export_onnx(result, tmp_path / "shuffle.onnx")
+    added = added_layout_ops(path, model, (x,))
+    why = layout_ops_why(path)
+    assert added["Gather"] >= 1 and why["linked activation read by cat"] == 1, (added, why)
+    assert any(reason.startswith("channel selection") for reason in why), why
+    assert "kept: 1 linked activation read by cat" in describe_layout_ops(added, why)
+    with torch.no_grad():
+        _assert_ort_matches(path, result.model.eval()(x), x)
+
+
+def test_describe_layout_ops_names_why_when_given():
+    why = Counter({"linked activation read by cat": 2})
+    assert describe_layout_ops(Counter(), why) == "+0"
+    assert describe_layout_ops(Counter({"Concat": 2}), why) == "+2 (Concat 2); kept: 2 linked activation read by cat"
