@@ -1,5 +1,7 @@
 """Partial conversion: the traceable parts of a model fx cannot trace as a whole, converted in
 place, the whole model verified on its outputs. One model per torchvision task at small sizes."""
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -76,10 +78,13 @@ def test_named_submodules_only_and_what_stays_is_reported():
 
 def test_detection_whole_output_parity():
     """Faster R-CNN: backbone + FPN converted, RPN / RoI heads / NMS kept. Boxes, scores and
-    labels compared after NMS (score threshold 0 so every image has detections). Tolerances,
-    float32 here (float64 in lnconvert's own check): boxes 1e-4 of the largest coordinate and
-    scores 1e-4 absolute (box decoding and softmax amplify the folded weights' float32
-    rounding); labels must match exactly."""
+    labels compared after NMS (score threshold 0 so every image has detections); labels must
+    match exactly. Float32 here (float64 in lnconvert's own check), where box decoding amplifies
+    rounding: the original's own float32 boxes differ from its float64 copy's by up to 0.02 on
+    80-pixel images (measured), more than 1e-4 of the largest coordinate, and the number of
+    torch threads changes that rounding. So boxes and scores may differ by 1e-4 (of the largest
+    coordinate / absolute) or by twice the original's own float32 deviation, whichever is
+    larger: both float32 models deviate from the exact values by about that much."""
     model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
                                          weights_backbone=None, box_score_thresh=0.0, min_size=64, max_size=64,
                                          rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=50,
@@ -94,11 +99,15 @@ def test_detection_whole_output_parity():
     assert "detections compared as sets: 40 matched" in result.report.warnings  # 20 per image
     with torch.no_grad():
         expected, got = model(images), result.model(images)
+        exact = copy.deepcopy(model).double()([image.double() for image in images])
     assert all(len(e["boxes"]) > 0 for e in expected)
-    for e, g in zip(expected, got):
-        assert torch.equal(e["labels"], g["labels"])
-        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=0, atol=1e-4 * max(1.0, float(e["boxes"].abs().max())))
-        torch.testing.assert_close(g["scores"], e["scores"], rtol=0, atol=1e-4)
+    for e, g, e64 in zip(expected, got, exact):
+        assert torch.equal(e["labels"], g["labels"]) and torch.equal(e["labels"], e64["labels"])
+        box_floor = float((e["boxes"] - e64["boxes"]).abs().max())
+        score_floor = float((e["scores"] - e64["scores"]).abs().max())
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=0,
+                                   atol=max(1e-4 * max(1.0, float(e["boxes"].abs().max())), 2 * box_floor))
+        torch.testing.assert_close(g["scores"], e["scores"], rtol=0, atol=max(1e-4, 2 * score_floor))
 
 
 def test_zero_detections_are_nothing_compared_not_a_pass():
