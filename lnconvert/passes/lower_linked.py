@@ -239,40 +239,63 @@ class Readers:
     consumers: list[tuple[fx.Node, nn.Module, Layout]]
     selects: list[fx.Node]
     plain: bool
+    kept: dict[fx.Node, int | None]  # selection steps: how many leading channels each keeps (None: all)
+
+
+def _leading_channels(select: ChannelSelect, layout: Layout) -> Layout | None:
+    """The layout of ``select``'s output when it keeps the primary and the twin of logical
+    channels ``0..n-1`` of a ``layout`` tensor and nothing else (a ghost module's ``[:, :out]``,
+    in whatever order its reader wants), else None."""
+    at = {p: (c, False) for c, p in enumerate(layout.primary)} | {t: (c, True) for c, t in enumerate(layout.twin)}
+    picked = [at.get(i) for i in select.index.tolist()]
+    count = len(picked) // 2
+    if None in picked or select.copy or select.dim != layout.dim \
+            or sorted(picked) != [(c, twin) for c in range(count) for twin in (False, True)]:
+        return None
+    position = {pick: k for k, pick in enumerate(picked)}
+    return Layout(tuple(position[c, False] for c in range(count)), tuple(position[c, True] for c in range(count)),
+                  layout.dim)
 
 
 def _split_readers(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation, layout: Layout) -> Readers:
     """The readers of ``node`` that can read its halves instead (see :class:`Readers`)."""
-    steps, consumers, selects, plain = [], [], [], False
+    steps, consumers, selects, plain, kept = [], [], [], False, {}
 
-    def visit(source: fx.Node, ndim: int) -> bool:
+    def visit(source: fx.Node, ndim: int, current: Layout) -> bool:
         nonlocal plain
         found = False
         for user in list(source.users):
-            if user.op == "call_module" and user.args == (source,) and \
-                    isinstance(select := gm.get_submodule(user.target), ChannelSelect) and not select.copy \
+            select = gm.get_submodule(user.target) if user.op == "call_module" and user.args == (source,) else None
+            if isinstance(select, ChannelSelect) and not select.copy and current is layout \
                     and select.index.tolist() == list(layout.primary):
                 selects.append(user)
                 found = True
+                continue
+            if isinstance(select, ChannelSelect) and not linked.subset \
+                    and (piece := _leading_channels(select, current)) is not None:
+                if visit(user, ndim, piece):
+                    steps.append((user, None))
+                    kept[user] = piece.channels if piece.channels < current.channels else None
+                    found = True
                 continue
             if user.op == "call_module" and user.args == (source,) and not user.kwargs:
                 module = gm.get_submodule(user.target)
                 width = _reads_channels(module, linked.dim, ndim)
                 if width is not None:
-                    consumers.append((user, module, _linked_layout(linked, width)))
+                    consumers.append((user, module, _linked_layout(linked, width) if current is layout else current))
                     found = True
                     continue
-            expand = None if linked.subset else _gate_of(gm, user, source, layout)
+            expand = None if linked.subset else _gate_of(gm, user, source, current)
             if expand is not None or _commutes(gm, user, source, linked.dim):
-                if visit(user, len(shape_of(user) or ())):
+                if visit(user, len(shape_of(user) or ()), current):
                     steps.append((user, expand))
                     plain = plain or _is_max_pool(gm, user)
                     found = True
         return found
 
-    visit(node, len(shape_of(node) or ()))
+    visit(node, len(shape_of(node) or ()), layout)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return Readers(sorted(steps, key=lambda s: order[s[0]]), consumers, selects, plain)
+    return Readers(sorted(steps, key=lambda s: order[s[0]]), consumers, selects, plain, kept)
 
 
 def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -349,8 +372,11 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation,
         source = next(a for a in step.all_input_nodes if a in read)
         swap = {expand: expand.args[0]} if expand is not None else {}
         with gm.graph.inserting_after(step):
-            read[step] = tuple(gm.graph.node_copy(step, lambda n, half=half: half if n is source else swap.get(n, n))
-                               for half in read[source])
+            if step in readers.kept:  # a selection of leading channels: each half's leading channels
+                read[step] = tuple(_leading(gm, half, linked.dim, readers.kept[step]) for half in read[source])
+            else:
+                read[step] = tuple(gm.graph.node_copy(step, lambda n, half=half: half if n is source
+                                                      else swap.get(n, n)) for half in read[source])
     own_act = None
     for select in readers.selects:
         if halves.primary_scale == 1:
@@ -379,9 +405,94 @@ def _lower_one(gm: fx.GraphModule, node: fx.Node, linked: LinkedActivation,
     return len(readers.consumers)
 
 
+# node metadata: why the lowering added a layout op there (read by kept_whole)
+WHY = "lnconvert_layout_why"
+
+
+def _leading(gm: fx.GraphModule, half: fx.Node, dim: int, count: int | None) -> fx.Node:
+    """``half`` narrowed to its first ``count`` channels (None: all of them, ``half`` itself)."""
+    if count is None:
+        return half
+    narrowed = gm.graph.call_function(torch.narrow, (half, dim, 0, count))
+    narrowed.meta[WHY] = "cut of a half's leading channels (the original cuts once, the halves twice)"
+    return narrowed
+
+
 def _width_of(linked: LinkedActivation, node: fx.Node) -> int:
     shape = shape_of(node)
     return shape[linked.dim] if shape else -1
+
+
+def _cat_parts(gm: fx.GraphModule, node: fx.Node) -> list[tuple[fx.Node, LinkedActivation]] | None:
+    """For ``cat([a1(x1), a2(x2), ...], dim)`` whose parts are all linked activations of one
+    parameter-free kind on that dim, each with every twin (ghostnet's ghost module): the parts,
+    else None."""
+    if node.op != "call_function" or node.target is not torch.cat or not isinstance(node.args[0], (list, tuple)):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    parts = []
+    for part in node.args[0]:
+        if not isinstance(part, fx.Node) or part.op != "call_module":
+            return None
+        linked = gm.get_submodule(part.target)
+        if not isinstance(linked, LinkedActivation) or linked.subset or linked.twin_act is not None \
+                or linked.dim != dim or shape_of(part) is None:
+            return None
+        parts.append((part, linked))
+    first = parts[0][1] if parts else None
+    if first is None or any(type(a.act) is not type(first.act) or repr(a.act) != repr(first.act)
+                            or a.policy != first.policy for _, a in parts):
+        return None
+    return parts
+
+
+def _merge_linked_cat(gm: fx.GraphModule, cat: fx.Node, parts: list[tuple[fx.Node, LinkedActivation]]) -> None:
+    """Rewrite ``cat([a(x1), a(x2)])`` read by channel selections as ``a(cat([x1, x2]))``, one
+    linked activation in the block layout, each selection re-indexed to the same values: the
+    concat of linked tensors (and their per-group layouts) becomes the original's concat of
+    their inputs, and the new activation's readers can be split into halves."""
+    dim = parts[0][1].dim
+    where = {}  # old physical position -> (logical channel, is twin)
+    offset, logical = 0, 0
+    for part, linked in parts:
+        width = shape_of(part)[dim]
+        layout = _linked_layout(linked, width)
+        for c, (p, t) in enumerate(zip(layout.primary, layout.twin)):
+            where[offset + p], where[offset + t] = (logical + c, False), (logical + c, True)
+        offset, logical = offset + width, logical + layout.channels
+    with gm.graph.inserting_before(cat):
+        inputs = gm.graph.call_function(torch.cat, ([part.args[0] for part, _ in parts], dim))
+    merged = LinkedActivation(parts[0][1].act, parts[0][1].policy, dim)
+    linked = insert_module_after(gm, inputs, merged, f"{parts[0][0].target}_cat", (inputs,))
+    for select in list(cat.users):
+        module = gm.get_submodule(select.target)
+        index = [c + logical * twin for c, twin in (where[i] for i in module.index.tolist())]
+        moved = insert_module_after(gm, linked, ChannelSelect(index, dim, module.copy), f"{select.target}_cat",
+                                    (linked,))
+        select.replace_all_uses_with(moved)
+        gm.graph.erase_node(select)
+    gm.graph.erase_node(cat)
+
+
+def _selects_only(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return bool(node.users) and all(
+        u.op == "call_module" and u.args == (node,) and isinstance(gm.get_submodule(u.target), ChannelSelect)
+        for u in node.users)
+
+
+def merge_linked_cats(gm: fx.GraphModule) -> int:
+    """Concats of linked activations read through channel selections (ghostnet's ghost
+    modules: ``cat([a(conv(x)), a(dwconv(a(conv(x))))])[:, :out]``) become one linked
+    activation of the concatenated inputs, whose selections of leading channels the lowering
+    then follows like any other step. Preserves every output (the same values, re-indexed).
+    Returns how many concats were merged; needs shapes on ``gm``'s nodes."""
+    merged = 0
+    for node in list(gm.graph.nodes):
+        parts = _cat_parts(gm, node)
+        if parts is not None and _selects_only(gm, node):
+            _merge_linked_cat(gm, node, parts)
+            merged += 1
+    return merged
 
 
 def kept_whole(gm: fx.GraphModule) -> Counter:
@@ -391,7 +502,7 @@ def kept_whole(gm: fx.GraphModule) -> Counter:
     per group), a selection or expansion a ``Gather`` (a ``Slice`` for a contiguous range)."""
     kept = Counter()
     for node in gm.graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or WHY in node.meta:
             continue
         module = gm.get_submodule(node.target)
         if isinstance(module, LinkedActivation):
@@ -401,6 +512,7 @@ def kept_whole(gm: fx.GraphModule) -> Counter:
             kept["channel selection (a chunk, split or slice boundary of a linked tensor)"] += 1
         elif isinstance(module, ChannelExpand):
             kept["channel expansion (a per-channel tensor repeated into the linked layout)"] += 1
+    kept.update(node.meta[WHY] for node in gm.graph.nodes if WHY in node.meta)
     return kept
 
 
@@ -420,6 +532,9 @@ def run(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> tuple[f
     """
     lowered = copy.deepcopy(gm)
     propagate_shapes(lowered, example_inputs)
+    if merge_linked_cats(lowered):
+        lowered.graph.eliminate_dead_code()  # the parts' activations nothing else reads
+        propagate_shapes(lowered, example_inputs)
     count = 0
     for node in list(lowered.graph.nodes):
         if node.op == "call_module" and isinstance(lowered.get_submodule(node.target), LinkedActivation):

@@ -253,3 +253,38 @@ def test_describe_layout_ops_names_why_when_given():
     why = Counter({"linked activation read by cat": 2})
     assert describe_layout_ops(Counter(), why) == "+0"
     assert describe_layout_ops(Counter({"Concat": 2}), why) == "+2 (Concat 2); kept: 2 linked activation read by cat"
+
+
+class GhostBlock(nn.Module):
+    """timm's ghost module: a 1x1 conv and a cheap depthwise conv of its output, both with a
+    ReLU, concatenated and cut to ``out`` channels (odd: one channel is dropped), read by a
+    1x1 conv."""
+
+    def __init__(self, out: int = 7):
+        super().__init__()
+        self.out = out
+        self.primary = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Conv2d(out, 5, 1)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return self.head(torch.cat([x1, self.cheap(x1)], dim=1)[:, :self.out])
+
+
+def test_concat_of_linked_activations_is_lowered_like_one(tmp_path):
+    """The ghost module's concat of two linked activations becomes one linked activation of the
+    concatenated inputs, which the head reads as halves: no layout op beyond the original's but,
+    for an odd cut, a second Slice (each half is cut), which the report names."""
+    for out, added in ((8, Counter()), (7, Counter({"Slice": 1}))):
+        model, x = prepared(GhostBlock(out), shape=(2, 3, 8, 8))
+        result = lnconvert.convert(model, example_inputs=x)
+        _train_twins(result.model)
+        lowered, _ = _lowered_exactly(copy.deepcopy(result.model).eval().double(), x)
+        why = lower_linked.kept_whole(lowered)
+        assert not any(reason.startswith(("linked", "channel")) for reason in why), why
+        path = export_onnx(result, tmp_path / f"ghost{out}.onnx")
+        assert added_layout_ops(path, model, (x,)) == added
+        assert sum(layout_ops_why(path).values()) == (2 if out == 7 else 0), layout_ops_why(path)
+        with torch.no_grad():
+            _assert_ort_matches(path, result.model.eval()(x), x)
