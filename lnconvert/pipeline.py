@@ -22,6 +22,7 @@ from .errors import PassError, one_line
 from .options import ConvertOptions, PassContext
 from .plan import plan_links
 from .report import ConversionReport
+from .rewrite import eliminate_dead_code
 from .rules import is_batchnorm
 
 Run = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
@@ -75,7 +76,7 @@ def _planned(run: Callable) -> Run:
 def _remove_dead_code(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Remove nodes and submodules nothing reads any more, and the boundaries that were on them
     (e.g. a shuffle's ``size()`` calls died with the shuffle). Preserves: every output."""
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     alive = {n.name for n in gm.graph.nodes}
     ctx.report.boundaries = [b for b in ctx.report.boundaries if b["consumer"] in alive]

@@ -34,7 +34,7 @@ from ..analysis import propagate_shapes, shape_of
 from ..layers import TWIN_BUFFER, layer_spec
 from ..layout import Layout
 from ..nn import ChannelExpand, ChannelSelect, LinkedActivation
-from ..rewrite import insert_module_after
+from ..rewrite import eliminate_dead_code, insert_module_after
 from ..rules import ACTIVATION_MODULES
 from .widen import read_columns
 
@@ -338,7 +338,7 @@ def run(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> tuple[f
     for node in list(lowered.graph.nodes):
         if node.op == "call_module" and isinstance(lowered.get_submodule(node.target), LinkedActivation):
             count += _lower_one(lowered, node, lowered.get_submodule(node.target))
-    lowered.graph.eliminate_dead_code()
+    eliminate_dead_code(lowered)
     lowered.delete_all_unused_submodules()
     lowered.recompile()
     return lowered, count
