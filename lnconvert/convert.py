@@ -142,6 +142,48 @@ def _first_line(exc: BaseException) -> str:
     return one_line(exc.__cause__ if "ShapeProp error" in str(exc) and exc.__cause__ is not None else exc)
 
 
+def _runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> BaseException | None:
+    """The error ``model`` raises on ``inputs`` (in eval mode, without gradients), or None."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*inputs)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _trace_whole(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: ConvertOptions,
+                 report: ConversionReport, partial: bool | None) -> tuple[fx.GraphModule | None, str]:
+    """``model`` traced as one graph whose shapes are propagated on ``inputs``, or (None, why)
+    when it must be converted in parts: fx cannot trace it, or its traced graph fails on inputs
+    the model itself runs on (an optional argument traced as given, a Python value frozen at
+    trace time). ``partial=False`` raises :class:`TraceError` instead; inputs the model itself
+    does not run on raise :class:`UsageError`."""
+    private = private_eval_copy(model)
+    with timed(report, "trace"):
+        try:
+            gm = trace(private, options.leaf_modules)
+        except TraceError as exc:
+            if partial is False:
+                raise
+            return None, str(exc)
+    with timed(report, "analyse"):
+        try:
+            propagate_shapes(gm, inputs)
+            return gm, ""
+        except Exception as exc:
+            failed = exc
+    shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+    own = _runs(private, inputs)
+    if own is not None:
+        raise UsageError(f"the model does not run on inputs of shape {shapes}: {one_line(own)}") from own
+    why = f"its traced graph fails on inputs the model runs on: {_first_line(failed)}"
+    if partial is False:
+        raise TraceError(f"{why}; convert its traceable parts in place: partial unset (CLI: --no-save; not "
+                         f"savable yet)") from failed
+    return None, why
+
+
 def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
@@ -269,10 +311,11 @@ def convert(
     design, so the model is verified *before* the projection, and the deviation it causes
     is reported (``report.lcw_deviation``, status ``changed``) instead of raising.
 
-    A model fx cannot trace as a whole (detection, optical flow) has each maximal traceable
-    submodule holding BatchNorm converted in place instead, and the whole model verified
-    (:mod:`lnconvert.partial`; a report warning says so, ``report.parts`` lists what was
-    converted and what stayed, and why); ``partial=False`` raises :class:`TraceError` instead.
+    A model fx cannot trace as a whole (detection, optical flow), or whose traced graph fails on
+    inputs the model itself runs on, has each maximal traceable submodule holding BatchNorm
+    converted in place instead, and the whole model verified (:mod:`lnconvert.partial`; a
+    report warning says why, ``report.parts`` lists what was converted and what stayed, and
+    why); ``partial=False`` raises :class:`TraceError` instead.
     ``submodules=["backbone", ...]`` converts exactly those.
     With ``partial=True`` a traceable model whose BatchNorms sit inside opaque leaves (timm's
     non-traceable layers) has each such leaf converted on its own first; the converted leaves
@@ -305,15 +348,7 @@ def convert(
     _check_inputs(inputs, "example inputs")
     ctx = PassContext(options, report, inputs)
 
-    gm, why = None, ""
-    if submodules is None:
-        with timed(report, "trace"):
-            try:
-                gm = trace(private_eval_copy(model), options.leaf_modules)
-            except TraceError as exc:
-                if partial is False:
-                    raise
-                why = str(exc)
+    gm, why = (None, "") if submodules is not None else _trace_whole(model, inputs, options, report, partial)
     if gm is None:  # the named submodules, or the traceable parts of an untraceable model
         from .partial import convert_partial
 
@@ -332,12 +367,9 @@ def convert(
             converted = tuple(p["module"] for p in report.parts if p["action"] == "converted")
             with timed(report, "trace"):
                 gm = trace(private_eval_copy(inner), options.leaf_modules + converted)
+            with timed(report, "analyse"):
+                propagate_shapes(gm, inputs)
     with timed(report, "analyse"):
-        try:
-            propagate_shapes(gm, inputs)
-        except Exception as exc:
-            raise UsageError(f"the model does not run on inputs of shape "
-                             f"{[tuple(t.shape) for t in inputs]}: {_first_line(exc)}") from exc
         report.params_before, report.macs_before = count_params(gm), count_macs(gm)
     gm = run_pipeline(gm, ctx, PIPELINE)
     report.params_after, report.macs_after = count_params(gm), count_macs(gm)

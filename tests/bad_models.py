@@ -80,3 +80,22 @@ class Slow(nn.Module):
 
 def slow() -> nn.Module:
     return Slow().eval()
+
+
+class OptionalMask(nn.Module):
+    """Traces, but its traced graph fails without a mask: fx passes a Proxy for ``mask``, so the
+    ``mask is not None`` branch is recorded (timm's Hiera); the model itself runs on ``x`` alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = small(), nn.Linear(4, 2)
+
+    def forward(self, x, mask=None):
+        y = self.body(x)
+        if mask is not None:
+            y = y * mask.view(-1, 1)
+        return self.head(y)
+
+
+def optional_mask() -> nn.Module:
+    return OptionalMask().eval()
