@@ -20,7 +20,7 @@ from .pipeline import AFTER_VERIFY, PIPELINE, run_pipeline, timed
 from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import batchnorm_statistics, is_batchnorm_like
 from .trace import default_example_inputs, private_eval_copy, trace
-from .verify import compare, eval_mode
+from .verify import ReferenceOutputs, compare, eval_mode, reference_outputs
 
 
 @dataclass
@@ -244,12 +244,14 @@ def accept_float32_rounding(error: float, tolerance: float, bad: list, report: C
 
 
 def _verify(model: nn.Module, gm: fx.GraphModule, options: ConvertOptions,
-            checks: list[tuple[str, tuple[torch.Tensor, ...]]], report: ConversionReport) -> None:
-    """Compare ``gm`` with ``model`` on ``checks`` into ``report.parity`` and set its status;
-    raise :class:`ParityError` when an output is beyond the tolerance (and not only by float32
-    rounding of a graph a float64 copy proves right)."""
+            checks: list[tuple[str, tuple[torch.Tensor, ...]]], expected: ReferenceOutputs,
+            report: ConversionReport) -> None:
+    """Compare ``gm`` with ``model`` (whose outputs on ``checks`` are ``expected``) into
+    ``report.parity`` and set its status; raise :class:`ParityError` when an output is beyond the
+    tolerance (and not only by float32 rounding of a graph a float64 copy proves right)."""
     with timed(report, "verify"):
-        report.parity = compare(model, gm, checks, options.tolerance, options.precision)
+        report.parity = compare(model, gm, checks, options.tolerance, options.precision, expected=expected,
+                                candidate_in_place=True)
         bad = [p for p in report.parity if not p.ok]
         if bad and all(p.native_noise is not None and p.max_rel <= p.native_noise for p in bad):
             _accept_float32_rounding(model, options, checks[0][1], checks, bad, report)
@@ -371,17 +373,21 @@ def convert(
                 propagate_shapes(gm, inputs)
     with timed(report, "analyse"):
         report.params_before, report.macs_before = count_params(gm), count_macs(gm)
+    checks = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(data)]
+    if verify:  # before the passes widen the model: its wide copy and the widened model never coexist
+        with timed(report, "verify"):
+            expected = reference_outputs(model, checks, precision)
     gm = run_pipeline(gm, ctx, PIPELINE)
     report.params_after, report.macs_after = count_params(gm), count_macs(gm)
     kept = remaining_batchnorm(gm)
     if options.drop_bn and kept:
         report.status_reasons.append(f"{len(kept)} BatchNorm kept ({kept[0]}{', ...' if len(kept) > 1 else ''})")
-    checks = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(data)]
     if verify:
-        _verify(model, gm, options, checks, report)
+        _verify(model, gm, options, checks, expected, report)
     gm = run_pipeline(gm, ctx, AFTER_VERIFY)
     if options.lcw and verify:
-        report.lcw_deviation = max(p.max_rel for p in compare(model, gm, checks, tolerance, precision))
+        report.lcw_deviation = max(p.max_rel for p in compare(model, gm, checks, tolerance, precision,
+                                                              expected=expected, candidate_in_place=True))
         report.status = "changed"
         report.status_reasons.append(f"LCW projection changes the function by design: max rel deviation "
                                      f"{report.lcw_deviation:.2e}; fine-tune to recover")

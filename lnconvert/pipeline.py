@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -120,9 +121,11 @@ AFTER_VERIFY: tuple[Pass, ...] = (Pass("lcw", passes.lcw.run, lambda o: o.lcw),)
 # ---------------------------------------------------------------- the runner
 def _fingerprint(gm: fx.GraphModule) -> tuple:
     """What the recorded shapes depend on: the graph's structure and the module each node calls
-    (the module itself, not its id, which a freed module's replacement could reuse)."""
+    (a weak reference to the module itself: not its id, which a freed module's replacement could
+    reuse, and not the module, which would keep every replaced module's weights alive)."""
     return tuple((n.name, n.op, str(n.target), tuple(a.name for a in n.all_input_nodes),
-                  gm.get_submodule(n.target) if n.op == "call_module" else None) for n in gm.graph.nodes)
+                  weakref.ref(gm.get_submodule(n.target)) if n.op == "call_module" else None)
+                 for n in gm.graph.nodes)
 
 
 class _Shapes:
