@@ -82,20 +82,21 @@ def slow() -> nn.Module:
     return Slow().eval()
 
 
-class OptionalMask(nn.Module):
-    """Traces, but its traced graph fails without a mask: fx passes a Proxy for ``mask``, so the
-    ``mask is not None`` branch is recorded (timm's Hiera); the model itself runs on ``x`` alone."""
+
+class TracedOtherwise(nn.Module):
+    """Traces, but its traced graph fails on the inputs the model runs on: its code takes another
+    path for fx's proxies (as code special-casing tracing does), which reshapes wrongly."""
 
     def __init__(self):
         super().__init__()
         self.body, self.head = small(), nn.Linear(4, 2)
 
-    def forward(self, x, mask=None):
+    def forward(self, x):
         y = self.body(x)
-        if mask is not None:
-            y = y * mask.view(-1, 1)
+        if isinstance(y, torch.fx.Proxy):
+            y = y.view(-1, 8)
         return self.head(y)
 
 
-def optional_mask() -> nn.Module:
-    return OptionalMask().eval()
+def traced_otherwise() -> nn.Module:
+    return TracedOtherwise().eval()
