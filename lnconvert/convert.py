@@ -156,8 +156,8 @@ def _trace_whole(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: Co
                  report: ConversionReport, partial: bool | None) -> tuple[fx.GraphModule | None, str]:
     """``model`` traced as one graph whose shapes are propagated on ``inputs``, or (None, why)
     when it must be converted in parts: fx cannot trace it, or its traced graph fails on inputs
-    the model itself runs on (an optional argument traced as given, a Python value frozen at
-    trace time). ``partial=False`` raises :class:`TraceError` instead; inputs the model itself
+    the model itself runs on (code that takes another path while traced, a Python value frozen
+    at trace time). ``partial=False`` raises :class:`TraceError` instead; inputs the model itself
     does not run on raise :class:`UsageError`."""
     private = private_eval_copy(model)
     with timed(report, "trace"):
