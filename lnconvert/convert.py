@@ -20,7 +20,7 @@ from .pipeline import AFTER_VERIFY, PIPELINE, run_pipeline, timed
 from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import batchnorm_statistics, is_batchnorm_like
 from .trace import default_example_inputs, private_eval_copy, trace
-from .verify import compare, eval_mode
+from .verify import ReferenceOutputs, compare, eval_mode, reference_outputs
 
 
 @dataclass
@@ -142,6 +142,48 @@ def _first_line(exc: BaseException) -> str:
     return one_line(exc.__cause__ if "ShapeProp error" in str(exc) and exc.__cause__ is not None else exc)
 
 
+def _runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> BaseException | None:
+    """The error ``model`` raises on ``inputs`` (in eval mode, without gradients), or None."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*inputs)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _trace_whole(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: ConvertOptions,
+                 report: ConversionReport, partial: bool | None) -> tuple[fx.GraphModule | None, str]:
+    """``model`` traced as one graph whose shapes are propagated on ``inputs``, or (None, why)
+    when it must be converted in parts: fx cannot trace it, or its traced graph fails on inputs
+    the model itself runs on (code that takes another path while traced, a Python value frozen
+    at trace time). ``partial=False`` raises :class:`TraceError` instead; inputs the model itself
+    does not run on raise :class:`UsageError`."""
+    private = private_eval_copy(model)
+    with timed(report, "trace"):
+        try:
+            gm = trace(private, options.leaf_modules)
+        except TraceError as exc:
+            if partial is False:
+                raise
+            return None, str(exc)
+    with timed(report, "analyse"):
+        try:
+            propagate_shapes(gm, inputs)
+            return gm, ""
+        except Exception as exc:
+            failed = exc
+    shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+    own = _runs(private, inputs)
+    if own is not None:
+        raise UsageError(f"the model does not run on inputs of shape {shapes}: {one_line(own)}") from own
+    why = f"its traced graph fails on inputs the model runs on: {_first_line(failed)}"
+    if partial is False:
+        raise TraceError(f"{why}; convert its traceable parts in place: partial unset (CLI: --no-save; not "
+                         f"savable yet)") from failed
+    return None, why
+
+
 def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
@@ -202,12 +244,14 @@ def accept_float32_rounding(error: float, tolerance: float, bad: list, report: C
 
 
 def _verify(model: nn.Module, gm: fx.GraphModule, options: ConvertOptions,
-            checks: list[tuple[str, tuple[torch.Tensor, ...]]], report: ConversionReport) -> None:
-    """Compare ``gm`` with ``model`` on ``checks`` into ``report.parity`` and set its status;
-    raise :class:`ParityError` when an output is beyond the tolerance (and not only by float32
-    rounding of a graph a float64 copy proves right)."""
+            checks: list[tuple[str, tuple[torch.Tensor, ...]]], expected: ReferenceOutputs,
+            report: ConversionReport) -> None:
+    """Compare ``gm`` with ``model`` (whose outputs on ``checks`` are ``expected``) into
+    ``report.parity`` and set its status; raise :class:`ParityError` when an output is beyond the
+    tolerance (and not only by float32 rounding of a graph a float64 copy proves right)."""
     with timed(report, "verify"):
-        report.parity = compare(model, gm, checks, options.tolerance, options.precision)
+        report.parity = compare(model, gm, checks, options.tolerance, options.precision, expected=expected,
+                                candidate_in_place=True)
         bad = [p for p in report.parity if not p.ok]
         if bad and all(p.native_noise is not None and p.max_rel <= p.native_noise for p in bad):
             _accept_float32_rounding(model, options, checks[0][1], checks, bad, report)
@@ -269,10 +313,11 @@ def convert(
     design, so the model is verified *before* the projection, and the deviation it causes
     is reported (``report.lcw_deviation``, status ``changed``) instead of raising.
 
-    A model fx cannot trace as a whole (detection, optical flow) has each maximal traceable
-    submodule holding BatchNorm converted in place instead, and the whole model verified
-    (:mod:`lnconvert.partial`; a report warning says so, ``report.parts`` lists what was
-    converted and what stayed, and why); ``partial=False`` raises :class:`TraceError` instead.
+    A model fx cannot trace as a whole (detection, optical flow), or whose traced graph fails on
+    inputs the model itself runs on, has each maximal traceable submodule holding BatchNorm
+    converted in place instead, and the whole model verified (:mod:`lnconvert.partial`; a
+    report warning says why, ``report.parts`` lists what was converted and what stayed, and
+    why); ``partial=False`` raises :class:`TraceError` instead.
     ``submodules=["backbone", ...]`` converts exactly those.
     With ``partial=True`` a traceable model whose BatchNorms sit inside opaque leaves (timm's
     non-traceable layers) has each such leaf converted on its own first; the converted leaves
@@ -305,15 +350,7 @@ def convert(
     _check_inputs(inputs, "example inputs")
     ctx = PassContext(options, report, inputs)
 
-    gm, why = None, ""
-    if submodules is None:
-        with timed(report, "trace"):
-            try:
-                gm = trace(private_eval_copy(model), options.leaf_modules)
-            except TraceError as exc:
-                if partial is False:
-                    raise
-                why = str(exc)
+    gm, why = (None, "") if submodules is not None else _trace_whole(model, inputs, options, report, partial)
     if gm is None:  # the named submodules, or the traceable parts of an untraceable model
         from .partial import convert_partial
 
@@ -332,24 +369,25 @@ def convert(
             converted = tuple(p["module"] for p in report.parts if p["action"] == "converted")
             with timed(report, "trace"):
                 gm = trace(private_eval_copy(inner), options.leaf_modules + converted)
+            with timed(report, "analyse"):
+                propagate_shapes(gm, inputs)
     with timed(report, "analyse"):
-        try:
-            propagate_shapes(gm, inputs)
-        except Exception as exc:
-            raise UsageError(f"the model does not run on inputs of shape "
-                             f"{[tuple(t.shape) for t in inputs]}: {_first_line(exc)}") from exc
         report.params_before, report.macs_before = count_params(gm), count_macs(gm)
+    checks = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(data)]
+    if verify:  # before the passes widen the model: its wide copy and the widened model never coexist
+        with timed(report, "verify"):
+            expected = reference_outputs(model, checks, precision)
     gm = run_pipeline(gm, ctx, PIPELINE)
     report.params_after, report.macs_after = count_params(gm), count_macs(gm)
     kept = remaining_batchnorm(gm)
     if options.drop_bn and kept:
         report.status_reasons.append(f"{len(kept)} BatchNorm kept ({kept[0]}{', ...' if len(kept) > 1 else ''})")
-    checks = [("random", inputs)] + [(f"user[{i}]", _as_tuple(x)) for i, x in enumerate(data)]
     if verify:
-        _verify(model, gm, options, checks, report)
+        _verify(model, gm, options, checks, expected, report)
     gm = run_pipeline(gm, ctx, AFTER_VERIFY)
     if options.lcw and verify:
-        report.lcw_deviation = max(p.max_rel for p in compare(model, gm, checks, tolerance, precision))
+        report.lcw_deviation = max(p.max_rel for p in compare(model, gm, checks, tolerance, precision,
+                                                              expected=expected, candidate_in_place=True))
         report.status = "changed"
         report.status_reasons.append(f"LCW projection changes the function by design: max rel deviation "
                                      f"{report.lcw_deviation:.2e}; fine-tune to recover")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -22,6 +23,7 @@ from .errors import PassError, one_line
 from .options import ConvertOptions, PassContext
 from .plan import plan_links
 from .report import ConversionReport
+from .rewrite import eliminate_dead_code
 from .rules import is_batchnorm
 
 Run = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
@@ -75,7 +77,7 @@ def _planned(run: Callable) -> Run:
 def _remove_dead_code(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Remove nodes and submodules nothing reads any more, and the boundaries that were on them
     (e.g. a shuffle's ``size()`` calls died with the shuffle). Preserves: every output."""
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     alive = {n.name for n in gm.graph.nodes}
     ctx.report.boundaries = [b for b in ctx.report.boundaries if b["consumer"] in alive]
@@ -119,9 +121,11 @@ AFTER_VERIFY: tuple[Pass, ...] = (Pass("lcw", passes.lcw.run, lambda o: o.lcw),)
 # ---------------------------------------------------------------- the runner
 def _fingerprint(gm: fx.GraphModule) -> tuple:
     """What the recorded shapes depend on: the graph's structure and the module each node calls
-    (the module itself, not its id, which a freed module's replacement could reuse)."""
+    (a weak reference to the module itself: not its id, which a freed module's replacement could
+    reuse, and not the module, which would keep every replaced module's weights alive)."""
     return tuple((n.name, n.op, str(n.target), tuple(a.name for a in n.all_input_nodes),
-                  gm.get_submodule(n.target) if n.op == "call_module" else None) for n in gm.graph.nodes)
+                  weakref.ref(gm.get_submodule(n.target)) if n.op == "call_module" else None)
+                 for n in gm.graph.nodes)
 
 
 class _Shapes:

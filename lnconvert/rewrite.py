@@ -1,9 +1,14 @@
-"""Graph edits the passes share: give one call site its own module, insert a module call."""
+"""Graph edits the passes share: give one call site its own module, insert a module call,
+remove dead code."""
 from __future__ import annotations
 
+import operator
 from collections import Counter
+from typing import Any
 
 from torch import fx, nn
+
+from .rules import is_inplace_call
 
 
 def call_site_counts(gm: fx.GraphModule) -> Counter:
@@ -48,3 +53,39 @@ def insert_module_after(gm: fx.GraphModule, anchor: fx.Node, module: nn.Module, 
         return gm.graph.call_module(unique, args)
 
 
+
+
+# functions of the pure modules below that write into an argument or an object
+_MUTATING = frozenset({operator.setitem, operator.delitem, setattr, delattr, *(
+    getattr(operator, f"i{name}") for name in ("add", "and", "concat", "floordiv", "lshift", "matmul", "mod", "mul",
+                                                "or", "pow", "rshift", "sub", "truediv", "xor"))})
+_PURE_MODULES = ("_operator", "operator", "builtins", "math")
+
+
+def _defined_in(target: Any) -> str:
+    """The module a call_function target comes from (a Tensor method: its class's)."""
+    return getattr(target, "__module__", None) or getattr(getattr(target, "__objclass__", None), "__module__", "") or ""
+
+
+def may_have_side_effects(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` must stay although nothing reads its output: what torch.fx keeps
+    (placeholders, outputs, mutating or random aten ops, ``torch._assert``), every in-place call
+    (``x.add_(y)``, ``ReLU(inplace=True)``, ``x += y``, ``out=``), and every call_function that is
+    not a torch / operator / math / builtin function: a wrapped user function (``torch.fx.wrap``)
+    may write into its arguments (torchvision's MViT adds its pooled residual in place in
+    ``_add_shortcut`` and ignores the result)."""
+    if node.is_impure() or is_inplace_call(gm, node) or node.kwargs.get("out") is not None:
+        return True
+    if node.op != "call_function":
+        return False
+    module = _defined_in(node.target)
+    if module in _PURE_MODULES:
+        return node.target in _MUTATING
+    return not (module == "torch" or module.startswith("torch."))
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Remove the nodes whose outputs nothing reads, keeping those that may have side effects
+    (:func:`may_have_side_effects`). Preserves: every output and every write into a tensor
+    read later. Does not recompile."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: may_have_side_effects(gm, node))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator, Sequence
+import gc
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .report import OutputParity
@@ -64,31 +66,110 @@ def _native_dtype(model: nn.Module) -> torch.dtype:
     return param.dtype if param is not None else torch.float32
 
 
+Outputs = list[list[tuple[str, torch.Tensor]]]  # per input tuple: the model's named outputs
+
+
+@dataclass
+class ReferenceOutputs:
+    """The reference model's outputs on each input tuple: in the comparison's precision, and
+    in its own dtype (None when that is the same)."""
+
+    wide: Outputs
+    native: Outputs | None
+
+
+def _floating(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@contextlib.contextmanager
+def cast_while_called(gm: fx.GraphModule, dtype: torch.dtype) -> Iterator[fx.GraphModule]:
+    """``gm`` running in ``dtype`` without a copy: each module it calls is cast in place while
+    it runs and cast back right after, the tensors the graph reads itself (``get_attr``) for the
+    whole run. Casting back is exact when ``dtype`` is wider (float32 -> float64 -> float32), so
+    ``gm`` ends with the same values, and only one module at a time is held in ``dtype``."""
+    attrs = _floating(_attribute(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr")
+    pinned = {id(t) for t in attrs}
+    original = {id(t): t.dtype for t in _floating((*gm.parameters(), *gm.buffers(), *attrs))}
+    called = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+
+    def cast(tensors: Iterable[torch.Tensor], to: Callable[[torch.Tensor], torch.dtype]) -> None:
+        for t in _floating(tensors):
+            t.data = t.data.to(to(t))
+
+    def narrow(module: nn.Module) -> None:
+        cast((t for t in (*module.parameters(), *module.buffers()) if id(t) not in pinned), lambda t: original[id(t)])
+
+    handles = [hook for m in called.values() for hook in (
+        m.register_forward_pre_hook(lambda module, args: cast((*module.parameters(), *module.buffers()),
+                                                              lambda t: dtype)),
+        m.register_forward_hook(lambda module, args, output: narrow(module)))]
+    try:
+        cast(attrs, lambda t: dtype)
+        yield gm
+    finally:
+        for handle in handles:
+            handle.remove()
+        cast((*gm.parameters(), *gm.buffers(), *attrs), lambda t: original[id(t)])
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> object:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _outputs(model: nn.Module, inputs: Sequence[tuple[str, tuple[torch.Tensor, ...]]], dtype: torch.dtype,
+             in_place: bool = False) -> Outputs:
+    """``model``'s outputs on every input tuple, run in ``dtype``: as it is when that is its own,
+    else on a copy in ``dtype``, or (``in_place``, a GraphModule) cast while called."""
+    if _native_dtype(model) == dtype:
+        return [_run(model, args, dtype) for _, args in inputs]
+    if in_place:
+        with cast_while_called(model, dtype):
+            return [_run(model, args, dtype) for _, args in inputs]
+    wide = copy.deepcopy(model).to(dtype)
+    try:
+        return [_run(wide, args, dtype) for _, args in inputs]
+    finally:
+        del wide
+        gc.collect()  # a copied GraphModule is in a reference cycle (its graph points back at it)
+
+
+def reference_outputs(reference: nn.Module, inputs: Sequence[tuple[str, tuple[torch.Tensor, ...]]],
+                      precision: str = "float64") -> ReferenceOutputs:
+    """What :func:`compare` checks a candidate against; computed apart, e.g. while the candidate
+    is not built yet, so a large model's wide copy and the candidate never coexist in memory."""
+    dtype = PRECISIONS[precision]
+    with torch.no_grad(), eval_mode(reference):
+        native = None if _native_dtype(reference) == dtype else [_run(reference, args, None) for _, args in inputs]
+        return ReferenceOutputs(_outputs(reference, inputs, dtype), native)
+
+
 def compare(reference: nn.Module, candidate: nn.Module, inputs: Sequence[tuple[str, tuple[torch.Tensor, ...]]],
-            tolerance: float, precision: str = "float64") -> list[OutputParity]:
+            tolerance: float, precision: str = "float64", *, expected: ReferenceOutputs | None = None,
+            candidate_in_place: bool = False) -> list[OutputParity]:
     """Run both models in eval mode on each named input tuple; one row per output and input.
 
-    Neither model is modified: the ``precision`` runs use copies.
+    ``expected``: the reference's outputs on ``inputs`` (:func:`reference_outputs`), when computed
+    beforehand. Neither model is modified: the ``precision`` runs use a copy of each, one at a
+    time; ``candidate_in_place=True`` (a GraphModule the caller owns) runs the candidate cast
+    while called instead (:func:`cast_while_called`): no copy of a large widened model.
     """
     dtype = PRECISIONS[precision]
-    native = _native_dtype(reference)
-    upcast = native != dtype
+    expected = expected or reference_outputs(reference, inputs, precision)
+    with torch.no_grad(), eval_mode(candidate):
+        native_got = None if expected.native is None else [_run(candidate, args, None) for _, args in inputs]
+        got_all = _outputs(candidate, inputs, dtype, in_place=candidate_in_place)
     rows = []
-    with torch.no_grad(), eval_mode(reference), eval_mode(candidate):
-        wide_ref = copy.deepcopy(reference).to(dtype) if upcast else reference
-        wide_cand = copy.deepcopy(candidate).to(dtype) if upcast else candidate
-        for label, args in inputs:
-            expected, got = _run(wide_ref, args, dtype), _run(wide_cand, args, dtype)
-            if upcast:
-                native_ref, native_cand = _run(reference, args, None), _run(candidate, args, None)
-            if len(expected) != len(got):
-                rows.append(OutputParity("outputs", label, float("inf"), float("inf"), False, precision))
-                continue
-            for i, ((name, ref), (_, cand)) in enumerate(zip(expected, got)):
-                max_abs, max_rel = parity(ref, cand)
-                row = OutputParity(name, label, max_abs, max_rel, max_rel <= tolerance, precision)
-                if upcast:
-                    row.native_rel = parity(native_ref[i][1], native_cand[i][1])[1]
-                    row.native_noise = parity(ref, native_ref[i][1])[1]
-                rows.append(row)
+    for k, ((label, _), wanted, got) in enumerate(zip(inputs, expected.wide, got_all)):
+        if len(wanted) != len(got):
+            rows.append(OutputParity("outputs", label, float("inf"), float("inf"), False, precision))
+            continue
+        for i, ((name, ref), (_, cand)) in enumerate(zip(wanted, got)):
+            max_abs, max_rel = parity(ref, cand)
+            row = OutputParity(name, label, max_abs, max_rel, max_rel <= tolerance, precision)
+            if expected.native is not None:
+                row.native_rel = parity(expected.native[k][i][1], native_got[k][i][1])[1]
+                row.native_noise = parity(ref, expected.native[k][i][1])[1]
+            rows.append(row)
     return rows

@@ -80,3 +80,23 @@ class Slow(nn.Module):
 
 def slow() -> nn.Module:
     return Slow().eval()
+
+
+
+class TracedOtherwise(nn.Module):
+    """Traces, but its traced graph fails on the inputs the model runs on: its code takes another
+    path for fx's proxies (as code special-casing tracing does), which reshapes wrongly."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = small(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.body(x)
+        if isinstance(y, torch.fx.Proxy):
+            y = y.view(-1, 8)
+        return self.head(y)
+
+
+def traced_otherwise() -> nn.Module:
+    return TracedOtherwise().eval()

@@ -42,6 +42,24 @@ def test_untraceable_model_converts_its_traceable_parts():
     assert not remaining(result.model) and remaining(net)  # the caller's model is untouched
 
 
+def test_a_model_whose_traced_graph_fails_converts_its_parts():
+    """It traces, but the traced graph fails on inputs the model runs on: converted in parts,
+    with the reason in a warning; inputs the model itself does not run on stay a usage error."""
+    net = bad_models.traced_otherwise()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(TraceError, match="traced graph fails on inputs the model runs on: RuntimeError"):
+        lnconvert.convert(net, example_inputs=x, partial=False)
+    result = lnconvert.convert(net, example_inputs=x)
+    report = result.report
+    assert [(p["module"], p["action"]) for p in report.parts] == [("body", "converted")]
+    assert report.status == "exact" and not remaining(result.model)
+    assert any(w.startswith("whole model not traceable (its traced graph fails on inputs the model runs on: "
+                            "RuntimeError: mat1 and mat2 shapes cannot be multiplied") for w in report.warnings)
+    assert independent_parity(net, result.model, (x,)) <= 1e-5
+    with pytest.raises(UsageError, match=r"the model does not run on inputs of shape \[\(2, 1, 9, 9\)\]: Runtime"):
+        lnconvert.convert(net, example_inputs=torch.randn(2, 1, 9, 9))  # the model's own error, not the graph's
+
+
 def test_a_part_that_does_not_trace_is_split_into_its_children():
     """Not converted in parts of its own (the automatic fallback is for the whole model only):
     the report names the child that was converted."""

@@ -1,4 +1,6 @@
-"""The verification verdict: the tolerance, and outputs that exceed it only by float32 rounding."""
+"""The verification verdict: the tolerance, and outputs that exceed it only by float32 rounding;
+float64 runs that hold one wide module at a time."""
+import copy
 import importlib
 
 import pytest
@@ -6,6 +8,7 @@ import torch
 from torch import nn
 
 import lnconvert
+from lnconvert import verify
 from lnconvert.errors import ParityError
 from lnconvert.testing import randomize_batchnorm
 
@@ -60,3 +63,37 @@ def test_float64_conversion_error_measures_the_same_options(deep_net):
     net, x = deep_net
     options = lnconvert.convert(net, example_inputs=x, policy="minmax").options
     assert convert_module.float64_conversion_error(net, options, (x,)) < 1e-12
+
+
+class _Scaled(nn.Module):
+    """Two convs and a parameter the traced graph reads itself (``get_attr``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+        self.scale = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.scale)
+
+
+def test_a_graph_runs_in_float64_one_module_at_a_time_and_ends_as_it_was():
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(_Scaled().eval())
+    x = torch.randn(2, 3, 6, 6)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    wide_while_b_runs = []
+    seen = gm.b.register_forward_hook(lambda m, args, out: wide_while_b_runs.append(
+        (gm.a.weight.dtype, m.weight.dtype, gm.scale.dtype)))  # runs before the hook narrowing b again
+    with verify.cast_while_called(gm, torch.float64), torch.no_grad():
+        got = gm(x.double())
+    seen.remove()
+    with torch.no_grad():
+        expected = copy.deepcopy(gm).double()(x.double())
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same as a float64 copy, bit for bit
+    assert wide_while_b_runs == [(torch.float32, torch.float64, torch.float64)]  # a is narrow again
+    after = gm.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)
+    rows = verify.compare(_Scaled().eval(), gm, [("x", (x,))], 1e-5, candidate_in_place=True)
+    assert rows[0].max_rel > 1e-3  # a different model (other weights): compared, not excused
+    assert all(torch.equal(gm.state_dict()[k], before[k]) for k in before)

@@ -38,7 +38,7 @@ from ..analysis import propagate_shapes, shape_of
 from ..layers import TWIN_BUFFER, layer_spec
 from ..layout import Layout
 from ..nn import ChannelExpand, ChannelSelect, LinkedActivation
-from ..rewrite import insert_module_after
+from ..rewrite import eliminate_dead_code, insert_module_after
 from ..rules import ACTIVATION_MODULES
 from .widen import read_columns
 
@@ -533,13 +533,13 @@ def run(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> tuple[f
     lowered = copy.deepcopy(gm)
     propagate_shapes(lowered, example_inputs)
     if merge_linked_cats(lowered):
-        lowered.graph.eliminate_dead_code()  # the parts' activations nothing else reads
+        eliminate_dead_code(lowered)  # the parts' activations nothing else reads
         propagate_shapes(lowered, example_inputs)
     count = 0
     for node in list(lowered.graph.nodes):
         if node.op == "call_module" and isinstance(lowered.get_submodule(node.target), LinkedActivation):
             count += _lower_one(lowered, node, lowered.get_submodule(node.target), example_inputs)
-    lowered.graph.eliminate_dead_code()
+    eliminate_dead_code(lowered)
     lowered.delete_all_unused_submodules()
     lowered.recompile()
     return lowered, count

@@ -7,7 +7,7 @@ from torch import fx
 from ..nn import ChannelSelect
 from ..options import PassContext
 from ..plan import LinkPlan
-from ..rewrite import insert_module_after
+from ..rewrite import eliminate_dead_code, insert_module_after
 
 
 def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
@@ -37,6 +37,6 @@ def run(gm: fx.GraphModule, ctx: PassContext, plan: LinkPlan) -> fx.GraphModule:
         while source in plan.rewires:  # consecutive shuffles / no-op views: all read the first source
             source = plan.rewires[source]
         nodes[name].replace_all_uses_with(nodes[source])
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.recompile()
     return gm
