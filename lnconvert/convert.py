@@ -292,7 +292,7 @@ def convert(
     if submodules is None:
         with timed(report, "trace"):
             try:
-                gm = trace(private_eval_copy(model), options.leaf_modules)
+                gm = trace(private_eval_copy(model), options.leaf_modules, len(inputs))
             except TraceError as exc:
                 if partial is False:
                     raise
@@ -314,7 +314,7 @@ def convert(
                                         whole=False).model
             converted = tuple(p["module"] for p in report.parts if p["action"] == "converted")
             with timed(report, "trace"):
-                gm = trace(private_eval_copy(inner), options.leaf_modules + converted)
+                gm = trace(private_eval_copy(inner), options.leaf_modules + converted, len(inputs))
     with timed(report, "analyse"):
         try:
             propagate_shapes(gm, inputs)
