@@ -20,7 +20,15 @@ from .pipeline import AFTER_VERIFY, PIPELINE, run_pipeline, timed
 from .report import DEFAULT_TOLERANCE, ConversionReport
 from .rules import batchnorm_statistics, is_batchnorm_like
 from .trace import default_example_inputs, private_eval_copy, trace
-from .verify import accept_float32_rounding, compare, eval_mode, float64_check_note, native_dtype, wider_than
+from .verify import (
+    accept_float32_rounding,
+    compare,
+    eval_mode,
+    float64_check_note,
+    native_dtype,
+    precision_of,
+    wider_than,
+)
 
 
 @dataclass
@@ -171,17 +179,17 @@ def float64_copy_errors(model: nn.Module, options: ConvertOptions, inputs: tuple
     the max rel error of the same conversion applied to a float64 copy of ``model`` (free of
     float32 storage, it shows a wrong graph), and the max rel distance of ``candidate`` (the
     conversion of ``model`` itself) from that conversion with its parameters and buffers rounded
-    to ``candidate``'s dtype, both run in float64 (it shows anything but that rounding: a graph or
-    a weight that differs between the two conversions)."""
+    to ``candidate``'s dtype, both run in that dtype (it shows anything but the rounding: a graph
+    or a weight that differs between the two conversions; the same model gives 0)."""
     wide = copy.deepcopy(model).double()
     kwargs = options.graph_kwargs() | {"lcw": False}  # LCW changes the function by design: measured apart
     converted = convert(wide, example_inputs=tuple(t.double() for t in inputs), verify=False, partial=partial,
                         **kwargs).model
     wide_checks = [(label, tuple(t.double() for t in args)) for label, args in checks]
     error = max(p.max_rel for p in compare(wide, converted, wide_checks, tolerance=1.0))
-    del wide  # before the next comparison's float64 copy of the candidate
-    rounded = converted.to(native_dtype(candidate)).double()  # the same module, its values rounded
-    return error, max(p.max_rel for p in compare(rounded, candidate, wide_checks, tolerance=1.0))
+    dtype = native_dtype(candidate)
+    rounded = converted.to(dtype)  # the same module, its values rounded (no copy: memory)
+    return error, max(p.max_rel for p in compare(rounded, candidate, checks, 1.0, precision_of(dtype)))
 
 
 def _verify(model: nn.Module, gm: fx.GraphModule, options: ConvertOptions,

@@ -24,7 +24,7 @@ from .errors import LnConvertError, ParityError, TraceError, UsageError, one_lin
 from .options import ConvertOptions
 from .report import ConversionReport
 from .rules import is_batchnorm_like
-from .verify import accept_float32_rounding, eval_mode, float64_check_note, native_dtype, wider_than
+from .verify import accept_float32_rounding, eval_mode, float64_check_note, native_dtype, precision_of, wider_than
 
 _REPORTED = ("batchnorm", "activations", "consumers", "boundaries")
 
@@ -227,9 +227,9 @@ def _float64_copy_errors(model: nn.Module, inputs: tuple[Any, ...], options: Con
     wide_checks = [(label, wide(args)) for label, args in checks]
     error = max(p.max_rel for p in compare_task(original, converted, wide_checks, 1.0, "float64",
                                                 detections=detections).rows)
-    del original  # before the next comparison's float64 copies
-    rounded = converted.to(native_dtype(candidate)).double()  # the same module, its values rounded
-    return error, max(p.max_rel for p in compare_task(rounded, candidate, wide_checks, 1.0, "float64",
+    dtype = native_dtype(candidate)
+    rounded = converted.to(dtype)  # the same module, its values rounded (no copy: memory)
+    return error, max(p.max_rel for p in compare_task(rounded, candidate, checks, 1.0, precision_of(dtype),
                                                       detections=detections).rows)
 
 

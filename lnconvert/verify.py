@@ -66,6 +66,11 @@ def native_dtype(model: nn.Module) -> torch.dtype:
     return param.dtype if param is not None else torch.float32
 
 
+def precision_of(dtype: torch.dtype) -> str:
+    """The ``precision`` name of ``dtype`` (a key of :data:`PRECISIONS`)."""
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
+
+
 def wider_than(model: nn.Module, precision: str) -> bool:
     """Whether ``precision`` is wider than ``model``'s own dtype (a float64 check of a float32
     model): outputs may then exceed the tolerance by the storage of converted weights in the
