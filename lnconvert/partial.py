@@ -24,7 +24,7 @@ from .errors import LnConvertError, ParityError, TraceError, UsageError, one_lin
 from .options import ConvertOptions
 from .report import ConversionReport
 from .rules import is_batchnorm_like
-from .verify import eval_mode
+from .verify import accept_float32_rounding, eval_mode, float64_check_note, native_dtype, precision_of, wider_than
 
 _REPORTED = ("batchnorm", "activations", "consumers", "boundaries")
 
@@ -178,17 +178,19 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
     if verify:
         labelled = [("random", inputs)] + [(f"user[{i}]", x) for i, x in enumerate(verify_inputs)]
         detections = is_detection_output(output)
+        precision = options.precision
         try:
-            checked = compare_task(model, clone, labelled, options.tolerance, options.precision, detections=detections)
+            checked = compare_task(model, clone, labelled, options.tolerance, precision, detections=detections)
         except RuntimeError as exc:  # code that makes float32 tensors itself (RAFT's grids) cannot run in float64
-            report.warnings.append(f"verified in float32: the model does not run in {options.precision} "
-                                   f"({one_line(exc)})")
-            checked = compare_task(model, clone, labelled, options.tolerance, "float32", detections=detections)
+            report.warnings.append(f"verified in float32: the model does not run in {precision} ({one_line(exc)})")
+            precision = "float32"
+            checked = compare_task(model, clone, labelled, options.tolerance, precision, detections=detections)
         report.parity = checked.rows
         report.warnings += checked.notes
         bad = [p for p in report.parity if not p.ok]
-        if bad and all(p.native_noise is not None and p.max_rel <= p.native_noise for p in bad):
-            _accept_float32_rounding(model, inputs, options, submodules, labelled, detections, bad, report)
+        if bad and wider_than(model, precision):
+            accept_float32_rounding(lambda: _float64_copy_errors(model, inputs, options, submodules, clone, labelled,
+                                                                 detections), options.tolerance, bad, report)
             bad = [p for p in report.parity if not p.ok]
         if bad:
             report.status = "failed"
@@ -197,7 +199,8 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
             detail = unmatched if unmatched and worst.max_rel == float("inf") else \
                 f"{worst.output} on {worst.inputs} input has max rel error {worst.max_rel:.3e} > tolerance " \
                 f"{options.tolerance:.0e}"
-            raise ParityError(f"partially converted model differs from the original: {detail}", report)
+            raise ParityError(f"partially converted model differs from the original: {detail}"
+                              f"{float64_check_note(report)}", report)
         report.status = "partial" if report.status_reasons else "exact"
         if checked.detections == 0:  # only the heads were compared: no pass for the detections
             report.status = "unverified"
@@ -209,30 +212,25 @@ def convert_partial(model: nn.Module, inputs: tuple[Any, ...], options: ConvertO
     return ConversionResult(clone, report, model, options, inputs)
 
 
-def _accept_float32_rounding(model: nn.Module, inputs: tuple[Any, ...], options: ConvertOptions,
-                             submodules: Sequence[str] | None, checks: Sequence[tuple[str, tuple[Any, ...]]],
-                             detections: bool, bad: list, report: ConversionReport) -> None:
-    """As for a whole model (:func:`lnconvert.convert`): outputs above the tolerance but within
-    the original's own float32 rounding pass when the same partial conversion of a float64
-    copy is within the tolerance (the parts are then right, and the excess is the float32
-    storage of their folded weights, amplified: e.g. Mask R-CNN's masks, pasted at box
-    positions that moved by 1e-4 pixel)."""
-    from .convert import accept_float32_rounding
-
+def _float64_copy_errors(model: nn.Module, inputs: tuple[Any, ...], options: ConvertOptions,
+                         submodules: Sequence[str] | None, candidate: nn.Module,
+                         checks: Sequence[tuple[str, tuple[Any, ...]]], detections: bool) -> tuple[float, float]:
+    """As :func:`lnconvert.convert.float64_copy_errors` for a model converted in parts: the same
+    partial conversion of a float64 copy, and ``candidate``'s distance from it rounded to float32
+    (e.g. Mask R-CNN's masks, pasted at box positions that moved by 1e-4 pixel)."""
     def wide(args: Any) -> Any:
         return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, args)
 
     original = copy.deepcopy(model).double()
-    scratch = ConversionReport(model="float64 copy", options=report.options)
-    try:
-        converted = convert_partial(original, wide(inputs), options, scratch, submodules=submodules, verify=False).model
-        wide_checks = [(label, wide(args)) for label, args in checks]
-        error = max(p.max_rel for p in compare_task(original, converted, wide_checks, 1.0, "float64",
-                                                    detections=detections).rows)
-    except RuntimeError as exc:  # a model that makes float32 tensors itself cannot run in float64
-        report.warnings.append(f"no float64 check of the parts ({one_line(exc)})")
-        return
-    accept_float32_rounding(error, options.tolerance, bad, report)
+    scratch = ConversionReport(model="float64 copy", options=options.to_dict())
+    converted = convert_partial(original, wide(inputs), options, scratch, submodules=submodules, verify=False).model
+    wide_checks = [(label, wide(args)) for label, args in checks]
+    error = max(p.max_rel for p in compare_task(original, converted, wide_checks, 1.0, "float64",
+                                                detections=detections).rows)
+    dtype = native_dtype(candidate)
+    rounded = converted.to(dtype)  # the same module, its values rounded (no copy: memory)
+    return error, max(p.max_rel for p in compare_task(rounded, candidate, checks, 1.0, precision_of(dtype),
+                                                      detections=detections).rows)
 
 
 def opaque_parts(gm) -> list[str]:

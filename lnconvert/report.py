@@ -44,8 +44,11 @@ class ConversionReport:
     parts: list[dict[str, str]] | None = None
     calibrated: list[str] = field(default_factory=list)  # BNs given running statistics on calibration data
     lcw_deviation: float | None = None  # max rel output change caused by LCW (vs the original)
-    # set when outputs exceeded the tolerance within float32 rounding: the float64 copy's error
+    # set when outputs exceeded the tolerance in a precision wider than the model's dtype (the
+    # float32-rounding rule): a float64 copy's conversion error, and this model's distance from
+    # that conversion rounded to the model's dtype
     float64_conversion_error: float | None = None
+    rounded_copy_error: float | None = None
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0

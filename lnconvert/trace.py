@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Iterable
 
 import torch
@@ -55,16 +56,54 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
+def defaults_beyond(model: nn.Module, count: int) -> dict[str, Any]:
+    """The parameters of ``model.forward`` after its first ``count`` positional ones that have a
+    default, with it (``{}`` when ``*args`` could take the first ``count``)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params[:count + 1]) or \
+            sum(p.kind in positional for p in params[:count]) < count:
+        return {}
+    return {p.name: p.default for p in params[count:]
+            if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def _drop_guards(graph: fx.Graph, count: int) -> None:
+    """Erase each placeholder after the first ``count`` that only feeds call_function nodes
+    reaching nothing else (fx's guards that a fixed argument has its fixed value), with them."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for placeholder in [n for n in graph.nodes if n.op == "placeholder"][count:]:
+        reached, todo = {placeholder}, [placeholder]
+        while todo:
+            users = [u for u in todo.pop().users if u not in reached]
+            reached.update(users)
+            todo += users
+        if all(n.op == "call_function" for n in reached - {placeholder}):
+            for node in sorted(reached, key=order.__getitem__, reverse=True):  # users first
+                graph.erase_node(node)
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[str] = (), inputs: int | None = None) -> fx.GraphModule:
     """Trace ``model`` (already a private copy, in eval mode) to a GraphModule.
+
+    With ``inputs`` (how many example inputs the model is called with) every later argument of
+    its ``forward`` that has a default is fixed to it, as the model runs on those inputs (an
+    optional ``mask=None`` would otherwise be traced as a graph input, so ``if mask is not None``
+    would take the masked branch); the graph takes only the ``inputs``.
 
     Raises :class:`TraceError` naming the innermost module being traced when it fails
     and suggesting ``leaf_modules`` (those are kept as opaque calls; a linked tensor
     reaching one is sliced back to its primaries).
     """
     tracer = ConvertTracer(leaf_modules)
+    fixed = defaults_beyond(model, inputs) if inputs is not None else {}
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=fixed or None)
+        if fixed:
+            _drop_guards(graph, inputs)
     except Exception as exc:  # fx raises many types; all become one clear message
         where = tracer.failed_in
         location = f" in module '{where[0] or '<root>'}' ({where[1]})" if where else ""

@@ -17,7 +17,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .report import OutputParity
+from .errors import one_line
+from .report import ConversionReport, OutputParity
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
@@ -61,7 +62,8 @@ def _run(model: nn.Module, args: tuple, dtype: torch.dtype | None) -> list[tuple
     return flat_outputs(model(*args))
 
 
-def _native_dtype(model: nn.Module) -> torch.dtype:
+def native_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first floating parameter (float32 when it has none)."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     return param.dtype if param is not None else torch.float32
 
@@ -122,7 +124,7 @@ def _outputs(model: nn.Module, inputs: Sequence[tuple[str, tuple[torch.Tensor, .
              in_place: bool = False) -> Outputs:
     """``model``'s outputs on every input tuple, run in ``dtype``: as it is when that is its own,
     else on a copy in ``dtype``, or (``in_place``, a GraphModule) cast while called."""
-    if _native_dtype(model) == dtype:
+    if native_dtype(model) == dtype:
         return [_run(model, args, dtype) for _, args in inputs]
     if in_place:
         with cast_while_called(model, dtype):
@@ -141,8 +143,20 @@ def reference_outputs(reference: nn.Module, inputs: Sequence[tuple[str, tuple[to
     is not built yet, so a large model's wide copy and the candidate never coexist in memory."""
     dtype = PRECISIONS[precision]
     with torch.no_grad(), eval_mode(reference):
-        native = None if _native_dtype(reference) == dtype else [_run(reference, args, None) for _, args in inputs]
+        native = None if native_dtype(reference) == dtype else [_run(reference, args, None) for _, args in inputs]
         return ReferenceOutputs(_outputs(reference, inputs, dtype), native)
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    """The ``precision`` name of ``dtype`` (a key of :data:`PRECISIONS`)."""
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
+
+
+def wider_than(model: nn.Module, precision: str) -> bool:
+    """Whether ``precision`` is wider than ``model``'s own dtype (a float64 check of a float32
+    model): outputs may then exceed the tolerance by the storage of converted weights in the
+    model's dtype alone (the float32-rounding rule, docs/verification.md)."""
+    return PRECISIONS[precision].itemsize > native_dtype(model).itemsize
 
 
 def compare(reference: nn.Module, candidate: nn.Module, inputs: Sequence[tuple[str, tuple[torch.Tensor, ...]]],
@@ -173,3 +187,38 @@ def compare(reference: nn.Module, candidate: nn.Module, inputs: Sequence[tuple[s
                 row.native_noise = parity(ref, expected.native[k][i][1])[1]
             rows.append(row)
     return rows
+
+
+def accept_float32_rounding(measure: Callable[[], tuple[float, float]], tolerance: float, bad: list,
+                            report: ConversionReport) -> None:
+    """The float32-rounding rule (docs/verification.md): pass the ``bad`` rows (above the
+    tolerance in a precision wider than the model's dtype) when ``measure()`` (as
+    :func:`lnconvert.convert.float64_copy_errors`) shows that a float64 copy converts within
+    ``tolerance`` and that the converted model is that conversion with its values rounded to its
+    dtype, within ``tolerance``: the graph is then right and the excess is only float32 storage of
+    the converted weights, which no model of that dtype avoids. Records both numbers either way;
+    when they cannot be measured (e.g. the model does not run in float64) the rows stay failed."""
+    try:
+        report.float64_conversion_error, report.rounded_copy_error = measure()
+    except Exception as exc:  # the rule only excuses: without its measurements the failure stands
+        report.warnings.append(f"no float64 check ({one_line(exc)})")
+        return
+    if max(report.float64_conversion_error, report.rounded_copy_error) > tolerance:
+        return
+    for row in bad:
+        row.ok = True
+    worst = max(bad, key=lambda p: p.max_rel)
+    floor = "" if worst.native_noise is None else f" (the original's own float32 rounding: {worst.native_noise:.1e})"
+    report.warnings.append(
+        f"{len(bad)} output(s) above the tolerance {tolerance:.0e} only by float32 storage of the converted "
+        f"weights: max rel {worst.max_rel:.1e}{floor}; a float64 copy converts within "
+        f"{report.float64_conversion_error:.1e}, and this model is that conversion rounded to float32 (max rel "
+        f"{report.rounded_copy_error:.1e})")
+
+
+def float64_check_note(report: ConversionReport) -> str:
+    """What the float32-rounding rule measured, for a failure message ('' when it did not run)."""
+    if report.float64_conversion_error is None:
+        return next((f"; {w}" for w in report.warnings if w.startswith("no float64 check")), "")
+    return (f"; a float64 copy converts to max rel {report.float64_conversion_error:.1e}, and this model is "
+            f"{report.rounded_copy_error:.1e} from it rounded to float32")

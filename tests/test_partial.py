@@ -273,4 +273,5 @@ def test_parts_within_float32_rounding_pass_when_a_float64_copy_converts_exactly
     (row,) = report.parity
     assert 1e-7 < row.max_rel <= row.native_noise and row.ok and report.status == "exact"
     assert report.parts[0]["action"] == "converted" and report.float64_conversion_error <= 1e-7
-    assert any("only by float32 rounding" in w for w in report.warnings)
+    assert report.rounded_copy_error <= 1e-7
+    assert any("only by float32 storage" in w for w in report.warnings)

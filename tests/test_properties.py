@@ -191,5 +191,5 @@ def test_bn_on_a_constant_channel_passes_only_by_the_float32_rounding_rule():
     (row,) = report.parity
     assert row.max_rel > report.tolerance and row.max_rel <= row.native_noise
     assert report.float64_conversion_error is not None and report.float64_conversion_error < 1e-12
-    assert any("only by float32 rounding" in w for w in report.warnings)
+    assert any("only by float32 storage" in w for w in report.warnings)
     check_random_network(spec, [{"policy": "mirror", "residual": "slice", "drop_bn": False}], training=False)

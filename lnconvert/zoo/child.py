@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import ParityError, UsageError, one_line
+from ..errors import UsageError, one_line
 from .config import SIZE_LADDER, ZooOptions
 
 
@@ -97,16 +97,6 @@ def _onnx_max_rel(result, original) -> tuple[float, bool, str]:
     return max(r.max_rel for r in rows), all(r.ok for r in rows), added
 
 
-def _float64_conversion(error: ParityError, model, x) -> str:
-    """Tells float32 weight rounding (amplified by an ill-conditioned model) from a wrong graph,
-    when convert's own float32-rounding check did not already measure it (and say so)."""
-    from ..convert import float64_conversion_error
-    from ..options import ConvertOptions
-
-    worst = float64_conversion_error(model, ConvertOptions.from_dict(error.report.options), (x,))
-    return f"; a float64 copy converts to max rel {worst:.1e}"
-
-
 def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
     """Load ``name`` (random init), randomise its BN statistics, convert and verify it: one row."""
     import torch
@@ -118,7 +108,6 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
     from ..testing import randomize_batchnorm  # public helper: the zoo has no trained weights
     torch.set_num_threads(options.threads)
     row: dict[str, Any] = {"model": name, "library": name.partition("/")[0], "status": "failed"}
-    x = None  # the image batch of a classification row (task rows make their own inputs)
     try:
         torch.manual_seed(0)  # the architecture's own random init, the same every run
         model = load_model(name)
@@ -138,8 +127,7 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
         row.update(_report_columns(result.report), bn_after=_count_batchnorm(result.model),
                    status=result.report.status, reason="; ".join(result.report.status_reasons))
         if result.report.float64_conversion_error is not None:  # passed by the float32-rounding rule
-            row["note"] = (f"above 1e-5 only by float32 rounding (<= the original's own); a float64 copy "
-                           f"converts to {result.report.float64_conversion_error:.1e}")
+            row["note"] = _float32_storage_note(result.report)
         if result.report.parts is not None:
             row["note"] = "; ".join(filter(None, (row.get("note"), _parts_note(result.report))))
         if options.onnx:
@@ -153,13 +141,8 @@ def convert_one(name: str, options: ZooOptions) -> dict[str, Any]:
             row["traced"] = "no"
         elif isinstance(exc, ParityError):
             row["traced"] = "yes"
-            if exc.report is not None:
+            if exc.report is not None:  # its message says what the float64 copy measured
                 row.update(_report_columns(exc.report))
-            try:
-                if exc.report.float64_conversion_error is None and x is not None:
-                    row["reason"] += _float64_conversion(exc, model, x)
-            except Exception as diagnosis:  # e.g. no memory for a float64 copy: the row stands
-                row["reason"] += f"; no float64 check ({type(diagnosis).__name__})"
         elif "can't allocate memory" in str(exc) or isinstance(exc, MemoryError):
             row["error_class"] = "MemoryError"
     if row.get("bn_before") == 0 and options.drop_bn:
@@ -228,9 +211,15 @@ def _convert_task_model(name: str, model, options: ZooOptions) -> dict[str, Any]
            "bn_after": _count_batchnorm(result.model),
            "note": "; ".join(filter(None, compared + [_parts_note(report) if report.parts is not None else ""]))}
     if report.float64_conversion_error is not None and report.status != "failed":
-        row["note"] = (f"above 1e-5 only by float32 rounding (<= the original's own); a float64 copy converts to "
-                       f"{report.float64_conversion_error:.1e}; {row['note']}")
+        row["note"] = f"{_float32_storage_note(report)}; {row['note']}"
     return row
+
+
+def _float32_storage_note(report) -> str:
+    """A row passed by the float32-rounding rule: its two measurements."""
+    return (f"above 1e-5 only by float32 storage of the weights: a float64 copy converts to "
+            f"{report.float64_conversion_error:.1e} and, rounded to float32, is this model (max rel "
+            f"{report.rounded_copy_error:.1e})")
 
 
 def _parts_note(report) -> str:
