@@ -1,14 +1,23 @@
 """Graph edits the passes share: give one call site its own module, insert a module call."""
 from __future__ import annotations
 
+import copy
 from collections import Counter
+from typing import Iterable
 
+import torch
 from torch import fx, nn
 
 
 def call_site_counts(gm: fx.GraphModule) -> Counter:
     """How many call_module nodes use each submodule (shared modules have > 1)."""
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+
+
+def copy_module(module: nn.Module, replaced: Iterable[torch.Tensor | None] = ()) -> nn.Module:
+    """A deep copy of ``module`` whose ``replaced`` tensors (about to be set anew on the copy) are
+    not copied but None, so a pass rewriting a large weight does not first duplicate it."""
+    return copy.deepcopy(module, {id(t): None for t in replaced if t is not None})
 
 
 def own_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, suffix: str) -> None:
