@@ -5,6 +5,7 @@ on the nodes); the edits passes make are in :mod:`lnconvert.rewrite`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import operator
 from collections import Counter
@@ -27,7 +28,7 @@ from .rules import ACTIVATION_MODULES, layer_type
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Record ``tensor_meta`` (shape, dtype) on every node.
 
-    The graph runs on meta tensors (:class:`_MetaShapeProp`): shapes and dtypes without any
+    The graph runs on meta tensors (:func:`_run_on_meta`): shapes and dtypes without any
     arithmetic, some 30 ms for a 224x224 ResNet-50 where a forward pass takes 0.3-0.7 s on a core.
     What meta tensors cannot run (a value-dependent op such as ``nonzero`` or ``.item()``, a tensor
     made on the CPU inside ``forward``) runs on ``example_inputs`` themselves instead, and that
@@ -49,58 +50,65 @@ class _PlainListShapeProp(ShapeProp):
         return super().call_function(target, _plain(args), _plain(kwargs))
 
 
-class _MetaShapeProp(fx.Interpreter):
-    """ShapeProp on meta tensors, run inside :class:`_OnMeta` (parameters and buffers are meta
-    there too), recording the same ``tensor_meta``. Ops whose meta kernels are slow Python get
-    their shape directly: activations, dropout and BatchNorm keep their input's, elementwise
-    add / sub / mul broadcast, cat adds up, a :class:`LinkedActivation` widens its axis; each
-    checks what the op itself would refuse."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+def _run_on_meta(gm: fx.GraphModule, args: tuple) -> None:
+    """Run ``gm``'s graph on meta ``args`` node by node, as ``fx.Interpreter`` does (without its
+    per-node bookkeeping), recording ShapeProp's ``tensor_meta``; called inside :class:`_OnMeta`,
+    so parameters and buffers are meta too. Ops whose meta kernels are slow Python get their
+    result directly (:func:`_shortcut`)."""
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    remaining = iter(gm.graph.process_inputs(*args))
+    env: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        args, kwargs = _plain(fx.node.map_arg((node.args, node.kwargs), env.__getitem__))
+        if node.op == "output":
+            value = args[0]
+        elif node.op == "placeholder":
+            value = list(remaining) if node.target.startswith("*") else next(remaining, *args[:1])
+        elif node.op == "get_attr":  # a tensor constant is neither parameter nor buffer: made meta here
+            value = _to_meta(functools.reduce(getattr, node.target.split("."), gm))
+        else:
+            call = modules[node.target] if node.op == "call_module" else node.target
+            value = _shortcut(node.op, call, args, kwargs)
+            if value is None:
+                value = getattr(args[0], call)(*args[1:], **kwargs) if node.op == "call_method" else \
+                    call(*args, **kwargs)
         found = []
-        meta = map_aggregate(result, lambda v: found.append(v) or _tensor_meta(v) if isinstance(v, torch.Tensor) else v)
+        meta = map_aggregate(value, lambda v: found.append(v) or _tensor_meta(v) if isinstance(v, torch.Tensor) else v)
         if found:
-            n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(result)
-        return result
+            node.meta["tensor_meta"] = meta
+        node.meta["type"] = type(value)
+        env[node] = value
 
-    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        module = self.fetch_attr(target)
-        rule = _MODULE_SHAPES.get(type(module))
-        out = rule(module, args[0]) if rule is not None and len(args) == 1 and not kwargs and _is_float(args[0]) \
-            else None
-        return out if out is not None else super().call_module(target, args, kwargs)
 
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if _hashable(target) in _SAME_SHAPE_FUNCTIONS and args and _is_float(args[0]):
-            return torch.empty_like(args[0])
-        out = None
-        if _hashable(target) in _BROADCAST_FUNCTIONS and len(args) == 2 and not kwargs:
-            out = _broadcast(*args)
-        elif _hashable(target) is torch.cat:
-            out = _cat_shape(*args, **kwargs)
-        return out if out is not None else super().call_function(target, _plain(args), _plain(kwargs))
-
-    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if target in _SAME_SHAPE_METHODS and _is_float(args[0]):
-            return torch.empty_like(args[0])
-        return super().call_method(target, args, kwargs)
-
-    def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        return _to_meta(super().get_attr(target, args, kwargs))  # tensor constants: neither parameter nor buffer
+def _shortcut(op: str, call: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The meta result of an op whose meta kernel is slow Python, when its shape and dtype are
+    plain: activations, dropout and BatchNorm keep their input's, elementwise add / sub / mul
+    broadcast, cat adds up, a :class:`LinkedActivation` widens its axis (each checking what the
+    op itself would refuse); None for everything else, which runs."""
+    first = args[0] if args else None
+    if op == "call_module":
+        rule = _MODULE_SHAPES.get(type(call))
+        return rule(call, first) if rule is not None and len(args) == 1 and not kwargs and _is_float(first) else None
+    if op == "call_method":
+        return _meta_like(first) if call in _SAME_SHAPE_METHODS and _is_float(first) else None
+    call = _hashable(call)
+    if call in _SAME_SHAPE_FUNCTIONS and _is_float(first):
+        return _meta_like(first)
+    if call in _BROADCAST_FUNCTIONS and len(args) == 2 and not kwargs:
+        return _broadcast(*args)
+    return _cat_shape(*args, **kwargs) if call is torch.cat else None
 
 
 class _OnMeta(nn.Module):
-    """Runs :class:`_MetaShapeProp` over ``gm``; called through ``torch.func.functional_call``,
+    """Runs :func:`_run_on_meta` over ``gm``; called through ``torch.func.functional_call``,
     which swaps ``gm``'s parameters and buffers for meta ones for the call and restores them."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__()
         self.gm = gm
 
-    def forward(self, *args: Any) -> Any:
-        return _MetaShapeProp(self.gm).run(*args)
+    def forward(self, *args: Any) -> None:
+        _run_on_meta(self.gm, args)
 
 
 def _meta_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -114,6 +122,11 @@ def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
     """ShapeProp's record of a (non-quantized) tensor, without its Python contiguity checks."""
     memory_format = next((f for f in _MEMORY_FORMATS if t.is_contiguous(memory_format=f)), None)
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
+
+
+def _meta_like(x: torch.Tensor, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous meta tensor (``empty_like`` and ``new_empty`` on meta tensors run Python refs)."""
+    return torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype, device="meta")
 
 
 def _to_meta(value: Any) -> Any:
@@ -140,7 +153,7 @@ def _broadcast(a: Any, b: Any) -> torch.Tensor | None:
     dtype = torch.result_type(a, b)
     if not dtype.is_floating_point:
         return None
-    return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
+    return _meta_like(tensors[0], torch.broadcast_shapes(*(t.shape for t in tensors)), dtype)
 
 
 def _cat_shape(tensors: Any, dim: int = 0) -> torch.Tensor | None:
@@ -156,25 +169,25 @@ def _cat_shape(tensors: Any, dim: int = 0) -> torch.Tensor | None:
         raise ValueError(f"torch.cat: sizes of tensors must match except in dimension {dim}")
     shape = list(first.shape)
     shape[dim] = sum(t.shape[dim] for t in tensors)
-    return first.new_empty(shape)
+    return _meta_like(first, shape)
 
 
 def _affine_shape(module: ChannelAffine, x: torch.Tensor) -> torch.Tensor:
     shape = broadcast_shape(module.dim, x.dim())
     shape[module.dim] = module.scale.numel()
     dtype = torch.promote_types(torch.promote_types(x.dtype, module.scale.dtype), module.shift.dtype)
-    return torch.empty(torch.broadcast_shapes(x.shape, shape), dtype=dtype, device="meta")
+    return _meta_like(x, torch.broadcast_shapes(x.shape, shape), dtype)
 
 
 def _same_shape(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    return _meta_like(x)
 
 
 def _batchnorm_shape(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     module._check_input_dim(x)  # what BatchNorm's forward checks first
     if x.dim() < 2 or x.shape[1] != module.num_features:
         raise ValueError(f"{type(module).__name__}({module.num_features}) got input of shape {tuple(x.shape)}")
-    return torch.empty_like(x)
+    return _meta_like(x)
 
 
 def _linked_shape(module: LinkedActivation, x: torch.Tensor) -> torch.Tensor | None:
@@ -185,7 +198,7 @@ def _linked_shape(module: LinkedActivation, x: torch.Tensor) -> torch.Tensor | N
         return None
     shape = list(x.shape)
     shape[dim] += module.twin_index.numel() if module.subset else channels
-    return x.new_empty(shape)
+    return _meta_like(x, shape)
 
 
 _SAME_SHAPE_MODULES = frozenset({
@@ -253,27 +266,35 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _layer_calls(gm: fx.GraphModule) -> Iterable[tuple[fx.Node, nn.Module, Any]]:
+    """(node, module, its LayerSpec) for every call of a registered conv / linear layer."""
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    for node in gm.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        spec = layer_spec(module) if module is not None else None
+        if spec is not None:
+            yield node, module, spec
+
+
 def count_macs(gm: fx.GraphModule) -> int:
     """Multiply-accumulates per sample of every conv / linear, from recorded shapes."""
     total = 0
-    for node in gm.graph.nodes:
-        spec = layer_spec(gm.get_submodule(node.target)) if node.op == "call_module" else None
+    for node, module, spec in _layer_calls(gm):
         out_shape = shape_of(node)
         in_shape = shape_of(node.args[0]) if node.args else None
-        if spec is not None and out_shape is not None and in_shape is not None:
-            total += spec.macs(gm.get_submodule(node.target), in_shape, out_shape)
+        if out_shape is not None and in_shape is not None:
+            total += spec.macs(module, in_shape, out_shape)
     return int(total)
 
 
 def channel_mismatch(gm: fx.GraphModule) -> str | None:
     """The first conv / linear whose input width (from the recorded shapes) differs from what
     its weights read, described; None when all match."""
-    for node in gm.graph.nodes:
-        spec = layer_spec(gm.get_submodule(node.target)) if node.op == "call_module" else None
+    for node, module, spec in _layer_calls(gm):
         in_shape = shape_of(node.args[0]) if node.args else None
-        if spec is None or in_shape is None:
+        if in_shape is None:
             continue
-        expected = spec.in_channels(gm.get_submodule(node.target))
+        expected = spec.in_channels(module)
         got = in_shape[spec.input_channel_dim(len(in_shape))]
         if got != expected:
             return f"node {node.name} ({node.target}) gets {got} channels but its module expects {expected}"

@@ -120,18 +120,21 @@ AFTER_VERIFY: tuple[Pass, ...] = (Pass("lcw", passes.lcw.run, lambda o: o.lcw),)
 def _fingerprint(gm: fx.GraphModule) -> tuple:
     """What the recorded shapes depend on: the graph's structure and the module each node calls
     (the module itself, not its id, which a freed module's replacement could reuse)."""
-    return tuple((n.name, n.op, str(n.target), tuple(a.name for a in n.all_input_nodes),
-                  gm.get_submodule(n.target) if n.op == "call_module" else None) for n in gm.graph.nodes)
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    return tuple((n.name, n.op, n.target, tuple(a.name for a in n.all_input_nodes),
+                  modules.get(n.target) if n.op == "call_module" else None) for n in gm.graph.nodes)
 
 
 class _Shapes:
-    """Keeps ``tensor_meta`` current: propagates again only when the graph changed."""
+    """Keeps ``tensor_meta`` current: propagates again only when the graph changed. Also
+    remembers the graph last linted, which needs no second lint."""
 
     def __init__(self, gm: fx.GraphModule, ctx: PassContext):
         self.ctx, self.described = ctx, _fingerprint(gm)
+        self.linted: tuple | None = None
 
-    def refresh(self, gm: fx.GraphModule, pass_name: str) -> None:
-        fingerprint = _fingerprint(gm)
+    def refresh(self, gm: fx.GraphModule, pass_name: str, fingerprint: tuple | None = None) -> None:
+        fingerprint = fingerprint or _fingerprint(gm)
         if fingerprint == self.described:
             return
         try:
@@ -143,14 +146,19 @@ class _Shapes:
 
 
 def check(gm: fx.GraphModule, ctx: PassContext, step: Pass, shapes: _Shapes) -> None:
-    """The invariants every pass keeps; raises :class:`PassError` naming ``step``."""
-    try:
-        gm.graph.lint()
-    except Exception as exc:
-        raise PassError(step.name, f"the graph does not lint: {one_line(exc)}") from exc
+    """The invariants every pass keeps; raises :class:`PassError` naming ``step``. The graph is
+    linted unless it is the one linted last (the pass changed nothing); after a pass that leaves
+    it consistent, its shapes are made current and every conv / linear's input width checked."""
+    fingerprint = _fingerprint(gm)
+    if fingerprint != shapes.linted:
+        try:
+            gm.graph.lint()
+        except Exception as exc:
+            raise PassError(step.name, f"the graph does not lint: {one_line(exc)}") from exc
+        shapes.linted = fingerprint
     if not step.consistent_after:
         return
-    shapes.refresh(gm, step.name)
+    shapes.refresh(gm, step.name, fingerprint)
     problem = channel_mismatch(gm) or (step.invariant(gm, ctx) if step.invariant is not None else None)
     if problem:
         raise PassError(step.name, problem)
