@@ -36,7 +36,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     caller turns the exception into a one-line error instead, so that print is swallowed."""
     with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         try:
-            torch.func.functional_call(_OnMeta(gm), _meta_state(gm), tuple(_plain(example_inputs, _to_meta)))
+            _run_on_meta(gm, tuple(_plain(example_inputs, _to_meta)))
         except Exception:  # noqa: BLE001 - whatever fails on meta tensors is run for real
             _PlainListShapeProp(gm).propagate(*example_inputs)
 
@@ -52,9 +52,9 @@ class _PlainListShapeProp(ShapeProp):
 
 def _run_on_meta(gm: fx.GraphModule, args: tuple) -> None:
     """Run ``gm``'s graph on meta ``args`` node by node, as ``fx.Interpreter`` does (without its
-    per-node bookkeeping), recording ShapeProp's ``tensor_meta``; called inside :class:`_OnMeta`,
-    so parameters and buffers are meta too. Ops whose meta kernels are slow Python get their
-    result directly (:func:`_shortcut`)."""
+    per-node bookkeeping), recording ShapeProp's ``tensor_meta``. Common ops get their result
+    directly (:func:`_shortcut`: meta kernels are Python, ~0.1 ms a call); a module that runs
+    runs with meta copies of its parameters and buffers."""
     modules = dict(gm.named_modules(remove_duplicate=False))
     remaining = iter(gm.graph.process_inputs(*args))
     env: dict[fx.Node, Any] = {}
@@ -64,14 +64,13 @@ def _run_on_meta(gm: fx.GraphModule, args: tuple) -> None:
             value = args[0]
         elif node.op == "placeholder":
             value = list(remaining) if node.target.startswith("*") else next(remaining, *args[:1])
-        elif node.op == "get_attr":  # a tensor constant is neither parameter nor buffer: made meta here
+        elif node.op == "get_attr":
             value = _to_meta(functools.reduce(getattr, node.target.split("."), gm))
         else:
             call = modules[node.target] if node.op == "call_module" else node.target
             value = _shortcut(node.op, call, args, kwargs)
             if value is None:
-                value = getattr(args[0], call)(*args[1:], **kwargs) if node.op == "call_method" else \
-                    call(*args, **kwargs)
+                value = _run_op(node.op, call, args, kwargs)
         found = []
         meta = map_aggregate(value, lambda v: found.append(v) or _tensor_meta(v) if isinstance(v, torch.Tensor) else v)
         if found:
@@ -81,10 +80,10 @@ def _run_on_meta(gm: fx.GraphModule, args: tuple) -> None:
 
 
 def _shortcut(op: str, call: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The meta result of an op whose meta kernel is slow Python, when its shape and dtype are
-    plain: activations, dropout and BatchNorm keep their input's, elementwise add / sub / mul
-    broadcast, cat adds up, a :class:`LinkedActivation` widens its axis (each checking what the
-    op itself would refuse); None for everything else, which runs."""
+    """The meta result of a common op whose shape and dtype are plain: activations, dropout, norms
+    keep their input's, elementwise add / sub / mul broadcast, cat adds up, convolutions, linear
+    layers and adaptive pooling compute theirs, a :class:`LinkedActivation` widens its axis (each
+    raising what the op itself would refuse); None for everything else, which runs."""
     first = args[0] if args else None
     if op == "call_module":
         rule = _MODULE_SHAPES.get(type(call))
@@ -96,23 +95,20 @@ def _shortcut(op: str, call: Any, args: tuple, kwargs: dict) -> torch.Tensor | N
         return _meta_like(first)
     if call in _BROADCAST_FUNCTIONS and len(args) == 2 and not kwargs:
         return _broadcast(*args)
+    if call is F.adaptive_avg_pool2d and len(args) == 2 and not kwargs and _is_float(first):
+        return _adaptive_pool_shape(*args)
+    if call is F.layer_norm and len(args) >= 2 and _is_float(first):
+        return _layer_norm_shape(*args[:2])
     return _cat_shape(*args, **kwargs) if call is torch.cat else None
 
 
-class _OnMeta(nn.Module):
-    """Runs :func:`_run_on_meta` over ``gm``; called through ``torch.func.functional_call``,
-    which swaps ``gm``'s parameters and buffers for meta ones for the call and restores them."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, *args: Any) -> None:
-        _run_on_meta(self.gm, args)
-
-
-def _meta_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    return {f"gm.{name}": _to_meta(t) for name, t in [*gm.named_parameters(), *gm.named_buffers()]}
+def _run_op(op: str, call: Any, args: tuple, kwargs: dict) -> Any:
+    if op == "call_module":  # with meta copies of its parameters and buffers
+        state = {name: t.to("meta") for name, t in [*call.named_parameters(), *call.named_buffers()]}
+        return torch.func.functional_call(call, state, args, kwargs)
+    if op == "call_method":
+        return getattr(args[0], call)(*args[1:], **kwargs)
+    return call(*args, **kwargs)
 
 
 _MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
@@ -153,7 +149,18 @@ def _broadcast(a: Any, b: Any) -> torch.Tensor | None:
     dtype = torch.result_type(a, b)
     if not dtype.is_floating_point:
         return None
-    return _meta_like(tensors[0], torch.broadcast_shapes(*(t.shape for t in tensors)), dtype)
+    return _meta_like(tensors[0], _broadcast_shapes(*(t.shape for t in tensors)), dtype)
+
+
+def _broadcast_shapes(*shapes: Sequence[int]) -> list[int]:
+    """``torch.broadcast_shapes`` (a Python ref on meta-sized work) for plain int shapes."""
+    out = [1] * max(len(s) for s in shapes)
+    for shape in shapes:
+        for i, size in enumerate(shape, len(out) - len(shape)):
+            if size != out[i] and 1 not in (size, out[i]):
+                raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+            out[i] = size if out[i] == 1 else out[i]
+    return out
 
 
 def _cat_shape(tensors: Any, dim: int = 0) -> torch.Tensor | None:
@@ -176,7 +183,46 @@ def _affine_shape(module: ChannelAffine, x: torch.Tensor) -> torch.Tensor:
     shape = broadcast_shape(module.dim, x.dim())
     shape[module.dim] = module.scale.numel()
     dtype = torch.promote_types(torch.promote_types(x.dtype, module.scale.dtype), module.shift.dtype)
-    return _meta_like(x, torch.broadcast_shapes(x.shape, shape), dtype)
+    return _meta_like(x, _broadcast_shapes(x.shape, shape), dtype)
+
+
+def _conv_shape(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor | None:
+    """A batched convolution's output; None (run it) for string padding, unbatched input or
+    another dtype than the weight's. Raises what the convolution would: wrong input width,
+    input smaller than the kernel."""
+    weight, spatial = module.weight, len(module.kernel_size)
+    if isinstance(module.padding, str) or x.dim() != spatial + 2 or x.dtype != weight.dtype:
+        return None
+    if x.shape[1] != weight.shape[1] * module.groups:
+        raise ValueError(f"{module} got {x.shape[1]} input channels")
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+            zip(x.shape[2:], module.padding, module.dilation, module.kernel_size, module.stride)]
+    if min(size) < 1:
+        raise ValueError(f"{module}: input {tuple(x.shape)} is smaller than the kernel")
+    return _meta_like(x, [x.shape[0], weight.shape[0], *size])
+
+
+def _linear_shape(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    if x.dim() == 0 or x.dtype != module.weight.dtype:
+        return None
+    if x.shape[-1] != module.weight.shape[1]:
+        raise ValueError(f"{module} got {x.shape[-1]} input features")
+    return _meta_like(x, [*x.shape[:-1], module.weight.shape[0]])
+
+
+def _layer_norm_shape(x: torch.Tensor, normalized_shape: Sequence[int]) -> torch.Tensor:
+    normalized = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[x.dim() - len(normalized):]) != normalized:
+        raise ValueError(f"layer_norm over {normalized} of an input of shape {tuple(x.shape)}")
+    return _meta_like(x)
+
+
+def _adaptive_pool_shape(x: torch.Tensor, output_size: Any) -> torch.Tensor | None:
+    """``adaptive_avg_pool2d``'s output on a 3-D / 4-D input (None entries keep that size)."""
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if x.dim() not in (3, 4) or len(size) != 2:
+        return None
+    return _meta_like(x, [*x.shape[:-2], *(n if s is None else s for n, s in zip(x.shape[-2:], size))])
 
 
 def _same_shape(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +253,10 @@ _SAME_SHAPE_MODULES = frozenset({
     nn.AlphaDropout, nn.Identity})
 _MODULE_SHAPES = {t: _same_shape for t in _SAME_SHAPE_MODULES} | \
     {t: _batchnorm_shape for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)} | \
-    {LinkedActivation: _linked_shape, ChannelAffine: _affine_shape}
+    {t: _conv_shape for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)} | \
+    {nn.Linear: _linear_shape, nn.LayerNorm: lambda module, x: _layer_norm_shape(x, module.normalized_shape),
+     nn.AdaptiveAvgPool2d: lambda module, x: _adaptive_pool_shape(x, module.output_size),
+     LinkedActivation: _linked_shape, ChannelAffine: _affine_shape}
 _SAME_SHAPE_FUNCTIONS = frozenset({
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.gelu, F.hardswish, F.hardtanh, F.hardsigmoid,
     F.mish, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.dropout})
