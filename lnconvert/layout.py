@@ -11,6 +11,7 @@ find every weight column that reads a given twin.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Sequence
@@ -36,7 +37,7 @@ class Layout:
     def width(self) -> int:
         return len(self.primary) + sum(1 for t in self.twin if t >= 0)
 
-    @property
+    @cached_property
     def has_all_twins(self) -> bool:
         return all(t >= 0 for t in self.twin)
 
@@ -148,6 +149,7 @@ class Layout:
         return {"primary": list(self.primary), "twin": list(self.twin), "dim": self.dim}
 
 
+@functools.lru_cache(maxsize=256)
 def _linked_positions(channels: int, groups: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Physical positions of the primaries and the twins of ``Layout.linked`` with all twins."""
     per = channels // groups

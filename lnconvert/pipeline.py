@@ -121,7 +121,7 @@ def _fingerprint(gm: fx.GraphModule) -> tuple:
     """What the recorded shapes depend on: the graph's structure and the module each node calls
     (the module itself, not its id, which a freed module's replacement could reuse)."""
     modules = dict(gm.named_modules(remove_duplicate=False))
-    return tuple((n.name, n.op, n.target, tuple(a.name for a in n.all_input_nodes),
+    return tuple((n.name, n.op, n.target, tuple(n.all_input_nodes),
                   modules.get(n.target) if n.op == "call_module" else None) for n in gm.graph.nodes)
 
 

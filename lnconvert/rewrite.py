@@ -23,7 +23,7 @@ def copy_module(module: nn.Module, replaced: Iterable[torch.Tensor | None] = ())
 def own_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, suffix: str) -> None:
     """Install ``module`` for this call site only, under a fresh name when the old
     submodule is shared with other call sites, so rewriting one site leaves the rest alone."""
-    if not any(n.target == node.target and n.op == "call_module" and n is not node for n in gm.graph.nodes):
+    if len(gm.graph.find_nodes(op="call_module", target=node.target, sort=False)) == 1:
         parent, _, leaf = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
         return

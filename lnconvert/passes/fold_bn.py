@@ -40,12 +40,14 @@ _BLOCK = 1 << 18  # elements of the float64 temporary in _times_in_float64
 def _times_in_float64(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``weight * factor`` (``factor`` broadcasts to ``weight``) computed in float64 and rounded
     once to ``weight``'s dtype: blocks of rows at a time, so the float64 temporary stays small
-    (touching fresh memory costs more than the arithmetic)."""
+    and reused (allocating and touching fresh memory costs more than the arithmetic)."""
     out = torch.empty_like(weight)
     step = max(1, _BLOCK // max(1, weight[0].numel()))
+    buffer = torch.empty((min(step, len(weight)), *weight.shape[1:]), dtype=torch.float64)
     for start in range(0, len(weight), step):
         rows = slice(start, start + step)
-        out[rows] = weight[rows].double().mul_(factor[rows] if len(factor) > 1 else factor)
+        block = buffer[:len(weight[rows])].copy_(weight[rows])
+        out[rows] = block.mul_(factor[rows] if len(factor) > 1 else factor)
     return out
 
 
