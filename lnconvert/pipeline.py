@@ -117,17 +117,19 @@ AFTER_VERIFY: tuple[Pass, ...] = (Pass("lcw", passes.lcw.run, lambda o: o.lcw),)
 
 
 # ---------------------------------------------------------------- the runner
-def _fingerprint(gm: fx.GraphModule) -> tuple:
-    """What the recorded shapes depend on: the graph's structure and the module each node calls
-    (the module itself, not its id, which a freed module's replacement could reuse)."""
+def _fingerprint(gm: fx.GraphModule) -> tuple[tuple, tuple]:
+    """What the recorded shapes depend on: the graph's structure (what lint checks) and the
+    module each call_module node calls (the module itself, not its id, which a freed module's
+    replacement could reuse)."""
     modules = dict(gm.named_modules(remove_duplicate=False))
-    return tuple((n.name, n.op, n.target, tuple(n.all_input_nodes),
-                  modules.get(n.target) if n.op == "call_module" else None) for n in gm.graph.nodes)
+    nodes = gm.graph.nodes
+    return (tuple((n.name, n.op, n.target, tuple(n.all_input_nodes)) for n in nodes),
+            tuple(modules.get(n.target) for n in nodes if n.op == "call_module"))
 
 
 class _Shapes:
     """Keeps ``tensor_meta`` current: propagates again only when the graph changed. Also
-    remembers the graph last linted, which needs no second lint."""
+    remembers the structure last linted, which needs no second lint."""
 
     def __init__(self, gm: fx.GraphModule, ctx: PassContext):
         self.ctx, self.described = ctx, _fingerprint(gm)
@@ -147,15 +149,16 @@ class _Shapes:
 
 def check(gm: fx.GraphModule, ctx: PassContext, step: Pass, shapes: _Shapes) -> None:
     """The invariants every pass keeps; raises :class:`PassError` naming ``step``. The graph is
-    linted unless it is the one linted last (the pass changed nothing); after a pass that leaves
-    it consistent, its shapes are made current and every conv / linear's input width checked."""
+    linted unless its structure is the one linted last and every called module exists (the pass
+    changed nothing, or only replaced modules under their names); after a pass that leaves it
+    consistent, its shapes are made current and every conv / linear's input width checked."""
     fingerprint = _fingerprint(gm)
-    if fingerprint != shapes.linted:
+    if fingerprint[0] != shapes.linted or None in fingerprint[1]:
         try:
             gm.graph.lint()
         except Exception as exc:
             raise PassError(step.name, f"the graph does not lint: {one_line(exc)}") from exc
-        shapes.linted = fingerprint
+        shapes.linted = fingerprint[0]
     if not step.consistent_after:
         return
     shapes.refresh(gm, step.name, fingerprint)
