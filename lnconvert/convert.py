@@ -11,7 +11,7 @@ from torch import fx, nn
 from torch.ao.nn.quantized import FloatFunctional
 
 from . import __version__
-from .analysis import count_macs, count_params, propagate_shapes, reads_input
+from .analysis import all_finite, count_macs, count_params, propagate_shapes, reads_input
 from .calibrate import batchnorm_without_stats, calibrate_batchnorm
 from .errors import ParityError, TraceError, UnsupportedModelError, UsageError, one_line
 from .models import inherit_source
@@ -111,8 +111,8 @@ def _check_supported(model: nn.Module) -> None:
         if not tensor.is_floating_point():
             continue
         # other buffers may hold +-Inf on purpose (clamp bounds, masks): only NaN is broken there
-        finite = torch.isfinite(tensor) if name in parameters or name in bn_stats else ~torch.isnan(tensor)
-        if not finite.all():
+        finite = all_finite(tensor) if name in parameters or name in bn_stats else not tensor.isnan().any()
+        if not finite:
             raise UnsupportedModelError(f"parameter '{name}' contains NaN or Inf; refusing to convert")
 
 

@@ -5,17 +5,21 @@ physical position of its primary value (what the original graph computed) and of
 twin (or -1 when the channel has no twin, e.g. an ordinary input of a ``cat``).
 Consumers permute their weights to match the layout, so no runtime shuffles are needed.
 
-Each twin also records its *origin*: the linked activation and channel it came from (a
-set, since adding two linked tensors sums their twins). Compaction uses the origins to
+Each twin also records its *origin*: the linked activation and channel it came from (several,
+since adding two linked tensors sums their twins). Compaction uses the origins to
 find every weight column that reads a given twin.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Sequence
 
-Origin = frozenset  # of (activation node name, channel) pairs
-_NONE: frozenset = frozenset()
+# distinct (activation node name, channel) pairs; tuples of strings and ints, which the cyclic
+# garbage collector stops tracking (a ResNet-50's layouts hold ~50k of them)
+Origin = tuple
+_NONE: Origin = ()
 
 
 @dataclass(frozen=True)
@@ -23,29 +27,29 @@ class Layout:
     primary: tuple[int, ...]
     twin: tuple[int, ...]
     dim: int  # channel axis, non-negative
-    origins: tuple[frozenset, ...] = field(default=(), compare=False)  # per logical channel
+    origins: tuple[Origin, ...] = field(default=(), compare=False)  # per logical channel
 
     @property
     def channels(self) -> int:
         return len(self.primary)
 
-    @property
+    @cached_property
     def width(self) -> int:
         return len(self.primary) + sum(1 for t in self.twin if t >= 0)
 
-    @property
+    @cached_property
     def has_all_twins(self) -> bool:
         return all(t >= 0 for t in self.twin)
 
-    @property
+    @cached_property
     def sources(self) -> frozenset[str]:
         """Names of the linked activations whose twins this tensor carries."""
         return frozenset(name for origin in self.origins for name, _ in origin)
 
-    def origin(self, c: int) -> frozenset:
+    def origin(self, c: int) -> Origin:
         return self.origins[c] if self.origins else _NONE
 
-    def _origins(self, channels: Iterable[int]) -> tuple[frozenset, ...]:
+    def _origins(self, channels: Iterable[int]) -> tuple[Origin, ...]:
         return tuple(self.origin(c) for c in channels) if self.origins else ()
 
     def logical_of_physical(self) -> list[int]:
@@ -106,7 +110,7 @@ class Layout:
 
     def merged(self, other: "Layout") -> "Layout":
         """The same layout carrying both tensors' twins (the sum of two linked tensors)."""
-        origins = tuple(self.origin(c) | other.origin(c) for c in range(self.channels))
+        origins = tuple(_union(self.origin(c), other.origin(c)) for c in range(self.channels))
         return Layout(self.primary, self.twin, self.dim, origins)
 
     @staticmethod
@@ -123,21 +127,16 @@ class Layout:
         if twin_channels is not None:
             rank = {c: i for i, c in enumerate(sorted(twin_channels))}
             twin = tuple(channels + rank[c] if c in rank else -1 for c in range(channels))
-            origins = tuple(frozenset({(source, c)}) if c in rank else _NONE for c in range(channels))
+            origins = tuple(((source, c),) if c in rank else _NONE for c in range(channels))
             return Layout(tuple(range(channels)), twin, dim, origins)
-        per = channels // groups
-        prim, twin = [], []
-        for g in range(groups):
-            base = 2 * per * g
-            prim += range(base, base + per)
-            twin += range(base + per, base + 2 * per)
-        return Layout(tuple(prim), tuple(twin), dim, tuple(frozenset({(source, c)}) for c in range(channels)))
+        prim, twin = _linked_positions(channels, groups)
+        return Layout(prim, twin, dim, tuple(((source, c),) for c in range(channels)))
 
     @staticmethod
     def concat(parts: Sequence["Layout"], dim: int) -> "Layout":
         prim: list[int] = []
         twin: list[int] = []
-        origins: list[frozenset] = []
+        origins: list[Origin] = []
         offset = 0
         for part in parts:
             prim += (p + offset for p in part.primary)
@@ -150,12 +149,29 @@ class Layout:
         return {"primary": list(self.primary), "twin": list(self.twin), "dim": self.dim}
 
 
+@functools.lru_cache(maxsize=256)
+def _linked_positions(channels: int, groups: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Physical positions of the primaries and the twins of ``Layout.linked`` with all twins."""
+    per = channels // groups
+    prim: list[int] = []
+    twin: list[int] = []
+    for g in range(groups):
+        base = 2 * per * g
+        prim += range(base, base + per)
+        twin += range(base + per, base + 2 * per)
+    return tuple(prim), tuple(twin)
+
+
+def _union(a: Origin, b: Origin) -> Origin:
+    return a if not b or a == b else b if not a else tuple(dict.fromkeys(a + b))
+
+
 def describe(layout: Layout) -> str:
     """Short human name of a layout for reports."""
     c = layout.channels
     if c and layout.twin[0] > 0 and c % layout.twin[0] == 0:
         groups = c // layout.twin[0]
-        if layout == Layout.linked(c, groups, layout.dim, ""):
+        if (layout.primary, layout.twin) == _linked_positions(c, groups):
             kind = "block" if groups == 1 else f"grouped({groups})"
             return f"{kind} {c}->{layout.width}"
     return f"mapped {c}->{layout.width}"

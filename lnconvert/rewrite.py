@@ -2,10 +2,12 @@
 remove dead code."""
 from __future__ import annotations
 
+import copy
 import operator
 from collections import Counter
-from typing import Any
+from typing import Any, Iterable
 
+import torch
 from torch import fx, nn
 
 from .rules import is_inplace_call
@@ -16,10 +18,16 @@ def call_site_counts(gm: fx.GraphModule) -> Counter:
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
 
+def copy_module(module: nn.Module, replaced: Iterable[torch.Tensor | None] = ()) -> nn.Module:
+    """A deep copy of ``module`` whose ``replaced`` tensors (about to be set anew on the copy) are
+    not copied but None, so a pass rewriting a large weight does not first duplicate it."""
+    return copy.deepcopy(module, {id(t): None for t in replaced if t is not None})
+
+
 def own_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, suffix: str) -> None:
     """Install ``module`` for this call site only, under a fresh name when the old
     submodule is shared with other call sites, so rewriting one site leaves the rest alone."""
-    if call_site_counts(gm)[node.target] == 1:
+    if len(gm.graph.find_nodes(op="call_module", target=node.target, sort=False)) == 1:
         parent, _, leaf = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
         return

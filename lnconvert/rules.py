@@ -187,6 +187,8 @@ def is_frozen_batchnorm(module: nn.Module) -> bool:
     ``eps`` a number, with no parameters and no submodules (torchvision's FrozenBatchNorm2d,
     detectron2's, most detection code's). Nothing in it can use batch statistics, and a module
     with children (timm's FrozenBatchNormAct2d adds an activation) is not one."""
+    if not isinstance(getattr(module, "running_var", None), torch.Tensor):  # the common case, answered first
+        return False
     buffers = dict(module.named_buffers(recurse=False))
     tensors = [buffers.get(name) for name in _BATCHNORM_TENSORS]
     if any(t is None or t.dim() != 1 or not t.is_floating_point() for t in tensors):

@@ -1,17 +1,15 @@
 """Remove eval-mode BatchNorm: fold into the producing conv/linear, else a per-channel affine."""
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx, nn
 
-from ..analysis import reads_input, shape_of
+from ..analysis import all_finite, reads_input, shape_of
 from ..errors import UnsupportedModelError
 from ..layers import FOLDED_BN, layer_spec
 from ..nn import ChannelAffine
 from ..options import PassContext
-from ..rewrite import call_site_counts, own_module
+from ..rewrite import call_site_counts, copy_module, own_module
 from ..rules import CAT_FUNCTIONS, batchnorm_channels, is_batchnorm
 
 
@@ -27,19 +25,36 @@ def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fold_into(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
     """A copy of ``module`` (a registered conv / linear) whose output equals ``module(x) * scale + shift``."""
-    folded = copy.deepcopy(module)
+    folded = copy_module(module, (module.weight, module.bias))
     weight = module.weight.detach()
-    new_weight = (weight.double() * layer_spec(module).out_channel_view(module, scale)).to(weight.dtype)
+    new_weight = _times_in_float64(weight, layer_spec(module).out_channel_view(module, scale))
     old_bias = module.bias.detach().double() if module.bias is not None else torch.zeros_like(shift)
     folded.weight = nn.Parameter(new_weight, requires_grad=module.weight.requires_grad)
     folded.bias = nn.Parameter((old_bias * scale + shift).to(weight.dtype))
     return folded
 
 
+_BLOCK = 1 << 18  # elements of the float64 temporary in _times_in_float64
+
+
+def _times_in_float64(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``weight * factor`` (``factor`` broadcasts to ``weight``) computed in float64 and rounded
+    once to ``weight``'s dtype: blocks of rows at a time, so the float64 temporary stays small
+    and reused (allocating and touching fresh memory costs more than the arithmetic)."""
+    out = torch.empty_like(weight)
+    step = max(1, _BLOCK // max(1, weight[0].numel()))
+    buffer = torch.empty((min(step, len(weight)), *weight.shape[1:]), dtype=torch.float64)
+    for start in range(0, len(weight), step):
+        rows = slice(start, start + step)
+        block = buffer[:len(weight[rows])].copy_(weight[rows])
+        out[rows] = block.mul_(factor[rows] if len(factor) > 1 else factor)
+    return out
+
+
 def _require_finite(bn_name: str, module: nn.Module) -> nn.Module:
     """A zero ``running_var + eps``, or a scale beyond the weights' dtype, folds into Inf/NaN."""
     for name, value in module.named_parameters():
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise UnsupportedModelError(f"folding BatchNorm '{bn_name}' gives a non-finite {name} (running_var + eps "
                                         f"is 0 or the scale overflows {str(value.dtype).removeprefix('torch.')}); "
                                         f"fix its statistics or keep it (--keep-bn)")

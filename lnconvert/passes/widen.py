@@ -11,7 +11,7 @@ from ..layout import Layout
 from ..nn import ChannelExpand
 from ..options import PassContext
 from ..plan import LinkPlan
-from ..rewrite import insert_module_after, own_module
+from ..rewrite import copy_module, insert_module_after, own_module
 
 
 def mark_twins(module: nn.Module, layout: Layout) -> nn.Module:
@@ -44,7 +44,7 @@ def write_columns(module: nn.Module, layout: Layout, primary_w: torch.Tensor,
     """Copy of a registered layer (conv / transposed conv / linear) reading ``layout``, whose
     columns for each logical channel's primary and twin are ``primary_w`` and ``twin_w`` (None: zero)."""
     spec, weight = _spec(module), module.weight.detach()
-    wide = copy.deepcopy(module)
+    wide = copy_module(module, (module.weight,))
     shape = list(weight.shape)
     shape[spec.weight_in_axis] = layout.width // (module.groups if spec.grouped_input else 1)
     new = weight.new_zeros(shape)
@@ -52,19 +52,17 @@ def write_columns(module: nn.Module, layout: Layout, primary_w: torch.Tensor,
     for index, values in ((layout.primary, primary_w), (layout.twin, twin_w)):
         if values is None:  # the new weight is already zero
             continue
-        columns = _column_index(spec, wide, layout, index)
-        keep = columns[1] >= 0 if spec.grouped_input else columns >= 0
-        _scatter(spec, wide, new, columns, values, keep)
+        _scatter(spec, new, _column_index(spec, module, layout, index), values)
     wide.weight = nn.Parameter(new, requires_grad=module.weight.requires_grad)
     return wide
 
 
 def _column_index(spec: LayerSpec, module: nn.Module, layout: Layout, physical: tuple[int, ...]):
     """Where logical channel c's value at physical position ``physical[c]`` sits in the
-    weight: an index along the weight's input axis, or, when that axis is per group (convs),
-    (rows, local column), as each group sees only its own physical range."""
+    weight: an index along the weight's input axis (-1: none), or, when that axis is per group
+    (grouped convs), (rows, local column), as each group sees only its own physical range."""
     index = torch.tensor(physical, dtype=torch.long)
-    if not spec.grouped_input:
+    if not spec.grouped_input or module.groups == 1:
         return index
     groups, out = module.groups, module.weight.shape[0]
     per_log, per_phys, per_out = layout.channels // groups, layout.width // groups, out // groups
@@ -93,7 +91,7 @@ def _axis_view(mask: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 
 
 def _gather(spec: LayerSpec, weight: torch.Tensor, columns) -> torch.Tensor:
-    if not spec.grouped_input:
+    if not isinstance(columns, tuple):
         axis = spec.weight_in_axis
         picked = weight.index_select(axis, columns.clamp(min=0))
         return torch.where(_axis_view(columns >= 0, weight.dim(), axis), picked, 0.0)
@@ -102,18 +100,21 @@ def _gather(spec: LayerSpec, weight: torch.Tensor, columns) -> torch.Tensor:
     return torch.where(mask, weight[rows, local.clamp(min=0)], 0.0)
 
 
-def _scatter(spec: LayerSpec, module: nn.Module, new: torch.Tensor, columns, values: torch.Tensor,
-             keep: torch.Tensor) -> None:
-    if not spec.grouped_input:
-        axis = spec.weight_in_axis
-        new.index_copy_(axis, columns[keep], values.index_select(axis, keep.nonzero().squeeze(1)))
-    elif module.groups == 1:  # every row reads the same columns: one column copy, not a per-row scatter
-        local = columns[1][0]
-        new[:, local[keep[0]]] = values[:, keep[0]]
-    else:
+def _scatter(spec: LayerSpec, new: torch.Tensor, columns, values: torch.Tensor) -> None:
+    """Write ``values`` (in the unwidened weight's layout) into ``new`` at ``columns``."""
+    if isinstance(columns, tuple):
         rows, local = columns
-        rows = rows.expand_as(local)
-        new[rows[keep], local[keep]] = values[keep]
+        keep = local >= 0
+        new[rows.expand_as(local)[keep], local[keep]] = values[keep]
+        return
+    axis, keep = spec.weight_in_axis, columns >= 0
+    if not keep.all():
+        columns, values = columns[keep], values.index_select(axis, keep.nonzero().squeeze(1))
+    start = int(columns[0]) if len(columns) else 0
+    if torch.equal(columns, torch.arange(start, start + len(columns))):  # a run: one strided copy
+        new.narrow(axis, start, len(columns)).copy_(values)
+    else:
+        new.index_copy_(axis, columns, values)
 
 
 def widen_input(module: nn.Module, layout: Layout) -> nn.Module:

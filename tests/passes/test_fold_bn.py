@@ -206,3 +206,16 @@ def test_graph_without_batchnorm_is_left_alone():
     gm, ctx, before = fold(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)))
     assert ctx.report.batchnorm == [] and module_types(gm) == module_types(before)
     assert all(torch.equal(p, q) for p, q in zip(gm.parameters(), before.parameters()))
+
+
+@pytest.mark.parametrize("shape,axis", [((10, 3, 3, 3), 0), ((7, 5), 0), ((4, 6, 3, 3), 1)])
+def test_folding_in_blocks_of_rows_rounds_as_one_float64_product(monkeypatch, shape, axis):
+    """Rows of 27, 5 and 54 elements in blocks of 60: several blocks, a short last one; a
+    transposed conv's scale runs along axis 1, so every block reads the whole factor."""
+    monkeypatch.setattr(passes.fold_bn, "_BLOCK", 60)
+    weight = torch.randn(shape)
+    view = [1] * len(shape)
+    view[axis] = -1
+    factor = (torch.rand(shape[axis], dtype=torch.float64) * 3 + 0.1).view(view)
+    expected = (weight.double() * factor).to(weight.dtype)
+    assert torch.equal(passes.fold_bn._times_in_float64(weight, factor), expected)

@@ -98,3 +98,23 @@ def test_shapes_are_propagated_again_only_after_a_change():
     finally:
         pipeline.propagate_shapes = original
     assert calls == []
+
+
+def test_the_code_is_generated_once_after_the_last_pass(monkeypatch):
+    gm, ctx = traced(_net())
+    x = ctx.example_inputs[0]
+    expected = gm(x)
+    generated = []
+    original = fx.GraphModule.recompile
+    monkeypatch.setattr(fx.GraphModule, "recompile", lambda self: generated.append(1) or original(self))
+    gm = run_pipeline(gm, ctx)  # every pass recompiles: deferred to one
+    assert generated == [1]
+    assert torch.allclose(gm(x), expected, atol=1e-5)  # the code that runs is the final graph's
+    gm.recompile()
+    assert generated == [1, 1]  # outside the runner, recompile is the method again
+
+
+def test_a_pass_must_edit_the_graph_module_it_is_given():
+    gm, ctx = traced(_net())
+    with pytest.raises(PassError, match="pass copying: returned another GraphModule"):
+        run_pipeline(gm, ctx, [Pass("copying", lambda g, c: fx.GraphModule(g, g.graph))])
