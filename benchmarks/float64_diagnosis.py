@@ -17,12 +17,12 @@ import sys
 
 import torch
 
-from lnconvert.convert import convert, float64_conversion_error
+from lnconvert.convert import convert
 from lnconvert.errors import ParityError
 from lnconvert.models import load_model
 from lnconvert.options import ConvertOptions
 from lnconvert.testing import randomize_batchnorm
-from lnconvert.verify import parity
+from lnconvert.verify import compare, parity
 from lnconvert.zoo.child import _run_size
 from lnconvert.zoo.config import ZooOptions
 
@@ -47,15 +47,20 @@ def main(name: str) -> None:
                 t.mul_(1 + 2.0 ** -52 * torch.randn_like(t))
         print(f"float64 weights perturbed by 2^-52 relative: output moves {parity(y64, wide(x.double()))[1]:.2e}")
     for label, kwargs in (("folding only", {"link": False}), ("linking only", {"drop_bn": False}), ("both", {})):
-        error = float64_conversion_error(model, ConvertOptions(**kwargs), (x,))
+        double = copy.deepcopy(model).double()
+        options = ConvertOptions(**kwargs).graph_kwargs() | {"lcw": False}
+        converted = convert(double, example_inputs=x.double(), verify=False, **options).model
+        error = max(p.max_rel for p in compare(double, converted, [("x", (x.double(),))], tolerance=1.0))
         print(f"float64 copy converted, {label}: max rel {error:.2e}")
     try:
         report = convert(model, example_inputs=x, name=name, partial=True).report
-        print(f"float32 conversion: {report.status}, max rel {report.max_rel_error:.2e}")
+        print(f"float32 conversion: {report.status}, max rel {report.max_rel_error:.2e}; float32-rounding rule: "
+              f"float64 copy {report.float64_conversion_error}, rounded copy {report.rounded_copy_error}")
     except ParityError as exc:
         row = max(exc.report.parity, key=lambda p: p.max_rel)
         print(f"float32 conversion fails: max rel {row.max_rel:.2e}, the original's own float32 floor "
-              f"{row.native_noise:.2e}")
+              f"{row.native_noise:.2e}; float32-rounding rule: float64 copy {exc.report.float64_conversion_error}, "
+              f"rounded copy {exc.report.rounded_copy_error}")
 
 
 if __name__ == "__main__":
