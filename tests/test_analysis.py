@@ -118,8 +118,8 @@ def test_a_wrong_input_width_is_the_real_runs_error():
 
 @pytest.mark.zoo
 def test_meta_shapes_equal_a_real_run_on_the_torchvision_zoo():
-    """Every classification model up to 400M parameters, as traced and as converted (64x64; the
-    smallest input inception_v3 and maxvit_t take otherwise)."""
+    """Every classification model up to 400M parameters, as traced and as converted (64x64, or
+    the input inception_v3, maxvit_t and the ViTs take)."""
     import torchvision
 
     from lnconvert.trace import trace
@@ -128,7 +128,7 @@ def test_meta_shapes_equal_a_real_run_on_the_torchvision_zoo():
         if torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"] > 400e6:
             continue
         model = lnconvert.load_model(name).eval()
-        side = {"inception_v3": 80, "maxvit_t": 224}.get(name, 64)
+        side = 224 if name.startswith(("vit_", "maxvit")) else 80 if name == "inception_v3" else 64
         x = torch.randn(1, 3, side, side)
         for gm in (trace(model), lnconvert.convert(model, example_inputs=x, verify=False).model):
             assert _meta_shapes(gm, x) == _real_shapes(gm, x), name
