@@ -44,6 +44,8 @@ class Layout:
     @cached_property
     def sources(self) -> frozenset[str]:
         """Names of the linked activations whose twins this tensor carries."""
+        if isinstance(self.origins, _LinkedOrigins):  # known without making every channel's origin
+            return self.origins.sources
         return frozenset(name for origin in self.origins for name, _ in origin)
 
     def origin(self, c: int) -> Origin:
@@ -160,6 +162,10 @@ class _LinkedOrigins(Sequence):
 
     def __len__(self) -> int:
         return self.channels
+
+    @property
+    def sources(self) -> frozenset[str]:
+        return frozenset((self.source,)) if self.channels and self.kept != frozenset() else frozenset()
 
     def __getitem__(self, c):  # Sequence's own methods (iteration, slicing by index) read through this
         if isinstance(c, slice):
