@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Iterable, Sequence
 
 # distinct (activation node name, channel) pairs; tuples of strings and ints, which the cyclic
-# garbage collector stops tracking (a ResNet-50's layouts hold ~50k of them)
+# garbage collector stops tracking
 Origin = tuple
 _NONE: Origin = ()
 
@@ -27,7 +27,7 @@ class Layout:
     primary: tuple[int, ...]
     twin: tuple[int, ...]
     dim: int  # channel axis, non-negative
-    origins: tuple[Origin, ...] = field(default=(), compare=False)  # per logical channel
+    origins: Sequence[Origin] = field(default=(), compare=False)  # per logical channel
 
     @property
     def channels(self) -> int:
@@ -44,6 +44,8 @@ class Layout:
     @cached_property
     def sources(self) -> frozenset[str]:
         """Names of the linked activations whose twins this tensor carries."""
+        if isinstance(self.origins, _LinkedOrigins):  # known without making every channel's origin
+            return self.origins.sources
         return frozenset(name for origin in self.origins for name, _ in origin)
 
     def origin(self, c: int) -> Origin:
@@ -127,10 +129,9 @@ class Layout:
         if twin_channels is not None:
             rank = {c: i for i, c in enumerate(sorted(twin_channels))}
             twin = tuple(channels + rank[c] if c in rank else -1 for c in range(channels))
-            origins = tuple(((source, c),) if c in rank else _NONE for c in range(channels))
-            return Layout(tuple(range(channels)), twin, dim, origins)
+            return Layout(tuple(range(channels)), twin, dim, _LinkedOrigins(source, channels, frozenset(rank)))
         prim, twin = _linked_positions(channels, groups)
-        return Layout(prim, twin, dim, tuple(((source, c),) for c in range(channels)))
+        return Layout(prim, twin, dim, _LinkedOrigins(source, channels))
 
     @staticmethod
     def concat(parts: Sequence["Layout"], dim: int) -> "Layout":
@@ -147,6 +148,32 @@ class Layout:
 
     def to_json(self) -> dict:
         return {"primary": list(self.primary), "twin": list(self.twin), "dim": self.dim}
+
+
+class _LinkedOrigins(Sequence):
+    """A linked activation's origins, ``((source, c),)`` for channel ``c`` (``()`` for a channel
+    outside ``kept``), made when read: a conversion reads a few (compaction reads them all), and
+    a DenseNet-121's linked channels would otherwise keep ~80k tuples alive."""
+
+    __slots__ = ("source", "channels", "kept")
+
+    def __init__(self, source: str, channels: int, kept: frozenset[int] | None = None):
+        self.source, self.channels, self.kept = source, channels, kept
+
+    def __len__(self) -> int:
+        return self.channels
+
+    @property
+    def sources(self) -> frozenset[str]:
+        return frozenset((self.source,)) if self.channels and self.kept != frozenset() else frozenset()
+
+    def __getitem__(self, c):  # Sequence's own methods (iteration, slicing by index) read through this
+        if isinstance(c, slice):
+            return tuple(self[i] for i in range(*c.indices(self.channels)))
+        if not -self.channels <= c < self.channels:
+            raise IndexError(c)
+        c %= self.channels
+        return ((self.source, c),) if self.kept is None or c in self.kept else _NONE
 
 
 @functools.lru_cache(maxsize=256)

@@ -25,3 +25,12 @@ def test_concat_offsets_and_mixed_inputs():
 def test_flatten_expands_each_channel_into_its_trailing_elements():
     lay = Layout.linked(2, 1, 1, "a").expand_trailing(3)
     assert lay.primary == (0, 1, 2, 3, 4, 5) and lay.twin == (6, 7, 8, 9, 10, 11)
+
+
+def test_origins_name_each_twins_activation_and_channel():
+    full, part = Layout.linked(3, 1, 1, "a"), Layout.linked(3, 1, 1, "b", [2, 0])
+    assert [full.origin(c) for c in range(3)] == [(("a", 0),), (("a", 1),), (("a", 2),)]
+    assert [part.origin(c) for c in range(3)] == [(("b", 0),), (), (("b", 2),)] and part.sources == {"b"}
+    assert Layout.linked(3, 1, 1, "c", []).sources == frozenset()
+    assert part.permuted([2, 1, 0]).origin(0) == (("b", 2),)
+    assert full.merged(part).origin(0) == (("a", 0), ("b", 0)) and full.merged(part).sources == {"a", "b"}

@@ -38,6 +38,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     a plain BN fold would silently drop it (a known trap). Preserves: the function exactly
     (the same ops in the same order); identity drop/act parts are not inserted.
     """
+    decomposed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(gm.get_submodule(node.target)) not in NORMACT_TYPES:
             continue
@@ -55,6 +56,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 value = gm.graph.call_module(name, (value,))
         node.replace_all_uses_with(value)
         gm.graph.erase_node(node)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
+        decomposed = True
+    if decomposed:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
     return gm
