@@ -77,7 +77,8 @@ def _parameters(name: str) -> int | None:
 def zoo_total(size: int, max_params: int) -> None:
     """One conversion (no verification) of every torchvision classification model, each right
     after fuse on the same model, and the totals; models over ``max_params`` are skipped (a
-    conversion holds the source, its copy and the widened model: ~10 GB for regnet_y_128gf)."""
+    conversion holds the source, its copy and the widened model: regnet_y_128gf and vit_h_14
+    exceed the 8 GiB a job may use on the project's shared machine)."""
     import torchvision
 
     names = sorted(torchvision.models.list_models(module=torchvision.models))

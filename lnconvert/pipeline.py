@@ -3,9 +3,10 @@
 A :class:`Pass` is a name, a function ``run(gm, ctx) -> gm`` and a predicate on the options
 saying when it runs. :func:`run_pipeline` runs a list of them, times each one into
 ``report.pass_seconds``, and after every pass checks the graph (the way torch.fx's
-``PassManager`` does): it lints, re-propagates shapes on the example inputs when the pass
-changed the graph and left it consistent, checks every conv / linear's input width against its
-weights, and runs the pass's own invariant. Any failure raises :class:`PassError` naming the pass.
+``PassManager`` does): it lints, re-propagates shapes (:func:`~lnconvert.analysis.propagate_shapes`,
+on meta tensors shaped like the example inputs) when the pass changed the graph and left it
+consistent, checks every conv / linear's input width against its weights, and runs the pass's
+own invariant. Any failure raises :class:`PassError` naming the pass.
 """
 from __future__ import annotations
 
