@@ -242,11 +242,17 @@ class Readers:
     kept: dict[fx.Node, int | None]  # selection steps: how many leading channels each keeps (None: all)
 
 
+def _halves_at(layout: Layout) -> dict[int, tuple[int, bool]]:
+    """For each physical channel of a ``layout`` tensor: (its logical channel, whether a twin)."""
+    return {p: (c, False) for c, p in enumerate(layout.primary)} | \
+        {t: (c, True) for c, t in enumerate(layout.twin) if t >= 0}
+
+
 def _leading_channels(select: ChannelSelect, layout: Layout) -> Layout | None:
     """The layout of ``select``'s output when it keeps the primary and the twin of logical
     channels ``0..n-1`` of a ``layout`` tensor and nothing else (a ghost module's ``[:, :out]``,
     in whatever order its reader wants), else None."""
-    at = {p: (c, False) for c, p in enumerate(layout.primary)} | {t: (c, True) for c, t in enumerate(layout.twin)}
+    at = _halves_at(layout)
     picked = [at.get(i) for i in select.index.tolist()]
     count = len(picked) // 2
     if None in picked or select.copy or select.dim != layout.dim \
@@ -457,18 +463,17 @@ def _merge_linked_cat(gm: fx.GraphModule, cat: fx.Node, parts: list[tuple[fx.Nod
     for part, linked in parts:
         width = shape_of(part)[dim]
         layout = _linked_layout(linked, width)
-        for c, (p, t) in enumerate(zip(layout.primary, layout.twin)):
-            where[offset + p], where[offset + t] = (logical + c, False), (logical + c, True)
+        where.update({offset + p: (logical + c, twin) for p, (c, twin) in _halves_at(layout).items()})
         offset, logical = offset + width, logical + layout.channels
     with gm.graph.inserting_before(cat):
         inputs = gm.graph.call_function(torch.cat, ([part.args[0] for part, _ in parts], dim))
     merged = LinkedActivation(parts[0][1].act, parts[0][1].policy, dim)
-    linked = insert_module_after(gm, inputs, merged, f"{parts[0][0].target}_cat", (inputs,))
+    merged_node = insert_module_after(gm, inputs, merged, f"{parts[0][0].target}_cat", (inputs,))
     for select in list(cat.users):
         module = gm.get_submodule(select.target)
         index = [c + logical * twin for c, twin in (where[i] for i in module.index.tolist())]
-        moved = insert_module_after(gm, linked, ChannelSelect(index, dim, module.copy), f"{select.target}_cat",
-                                    (linked,))
+        moved = insert_module_after(gm, merged_node, ChannelSelect(index, dim, module.copy), f"{select.target}_cat",
+                                    (merged_node,))
         select.replace_all_uses_with(moved)
         gm.graph.erase_node(select)
     gm.graph.erase_node(cat)
@@ -502,7 +507,7 @@ def kept_whole(gm: fx.GraphModule) -> Counter:
     per group), a selection or expansion a ``Gather`` (a ``Slice`` for a contiguous range)."""
     kept = Counter()
     for node in gm.graph.nodes:
-        if node.op != "call_module" or WHY in node.meta:
+        if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
         if isinstance(module, LinkedActivation):
